@@ -1,0 +1,96 @@
+"""PatchCore on the real datasets: accuracy, fit time, peak memory and predict speed.
+
+    .venv/bin/python benchmarks/patchcore.py [--data ../shared/datasets] [--json OUT.json]
+
+Accuracy and fit time/RSS on MVTec AD bottle and magnetic tile (default settings, lite0); then
+the speed bar: predict on 256x256 images at batch 1 against the backbone's own forward pass,
+interleaved in the same run and reported as medians of many repetitions (the machine is shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import anomalens
+from anomalens.data.io import load_image
+from anomalens.data.mvtec import test_samples, training_images
+from anomalens.evaluation import evaluate
+from anomalens.preprocessing import resize_to_tensor
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def accuracy(root: Path, params: dict) -> dict:
+    model = anomalens.create("patchcore", **params)
+    started = time.perf_counter()
+    model.fit(training_images(root))
+    fit_s = time.perf_counter() - started
+    fit_rss = peak_rss_mb()
+    metrics = evaluate(model, root).metrics
+    metrics.update(fit_s=fit_s, peak_rss_mb_after_fit=fit_rss, memory_bank=len(model.memory_bank_))
+    return {"model": model, "metrics": metrics}
+
+
+def speed(model, root: Path, repeats: int = 40) -> dict:
+    """Median ms of predict([256x256 uint8 image]) vs backbone forward on the same tensor."""
+    size = model.image_size
+    paths = [s.path for s in test_samples(root)][:repeats]
+    images = [
+        (resize_to_tensor([load_image(p)], size)[0].permute(1, 2, 0) * 255).round().byte().numpy()
+        for p in paths
+    ]
+    tensors = [resize_to_tensor([image], size) for image in images]
+    predict_ms, backbone_ms = [], []
+    with torch.inference_mode():
+        for image, tensor in zip(images[:5], tensors[:5], strict=True):
+            model.predict([image])
+            model.backbone_(tensor)
+        for image, tensor in zip(images, tensors, strict=True):
+            started = time.perf_counter()
+            model.backbone_(tensor)
+            backbone_ms.append(1000 * (time.perf_counter() - started))
+            started = time.perf_counter()
+            model.predict([image])
+            predict_ms.append(1000 * (time.perf_counter() - started))
+    predict, backbone = statistics.median(predict_ms), statistics.median(backbone_ms)
+    return {
+        "predict_ms_batch1": predict,
+        "backbone_ms_batch1": backbone,
+        "ratio": predict / backbone,
+        "repeats": len(images),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("../shared/datasets"))
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    report: dict = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+    }
+    bottle = accuracy(args.data / "mvtec_bottle_512", {})
+    report["bottle"] = bottle["metrics"]
+    report["bottle_speed"] = speed(bottle["model"], args.data / "mvtec_bottle_512")
+    print(json.dumps({k: report[k] for k in ("bottle", "bottle_speed")}, indent=2), flush=True)
+    report["magnetic_tile"] = accuracy(args.data / "magnetic_tile", {})["metrics"]
+    print(json.dumps(report["magnetic_tile"], indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

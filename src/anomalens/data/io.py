@@ -1,0 +1,187 @@
+"""Reading images and masks from disk or memory into plain numpy arrays.
+
+Every image becomes an ``HxWx3`` ``uint8`` RGB array and every mask an ``HxW`` ``bool`` array.
+Transparency is handled by compositing onto black (``rgb * alpha``), so fully transparent pixels
+always read as black whatever colour they happen to store.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from anomalens.errors import DataError, ImageReadError
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+"""Suffixes (compared case-insensitively) that `list_images` treats as images."""
+
+MAX_IMAGE_PIXELS = 150_000_000
+"""Images with more pixels are refused before decoding (decompression-bomb guard).
+
+It sits below Pillow's default hard limit (about 179 M pixels), so it is the limit that binds;
+Pillow's own `DecompressionBombError` is reported the same way should its limit be lower.
+"""
+
+_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF", "PPM")
+"""Pillow plugins allowed to decode files (no EPS/PDF and other formats that run tools)."""
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+ImageLike = str | os.PathLike[str] | Image.Image | np.ndarray
+
+
+def load_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an image file as a contiguous ``HxWx3`` ``uint8`` RGB array.
+
+    EXIF orientation is applied. Grayscale, 16-bit grayscale (scaled by 1/257), 1-bit, palette,
+    CMYK and images with alpha (composited onto black) are all converted to RGB; 32-bit float
+    images are taken to lie in ``[0, 1]``.
+    """
+    return _read(path, _pil_to_rgb)
+
+
+def load_mask(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read a mask file as an ``HxW`` bool array: any nonzero (non-transparent) pixel is True."""
+    return _read(path, _pil_to_mask)
+
+
+def to_rgb_array(image: ImageLike) -> np.ndarray:
+    """Convert a path, a PIL image or a numpy array to a contiguous ``HxWx3`` ``uint8`` array.
+
+    Arrays may be ``HxW``, ``HxWx1``, ``HxWx3`` or ``HxWx4`` (alpha composited onto black) with
+    dtype ``uint8``, ``uint16`` (scaled by 1/257), ``bool`` or float in ``[0, 1]`` (scaled by 255,
+    rounded and clipped).
+    """
+    if isinstance(image, str | os.PathLike):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        try:
+            image.load()
+            return _pil_to_rgb(image)
+        except ImageReadError:
+            raise
+        except Exception as exc:  # Pillow raises many types for broken images
+            name = f"<PIL image mode={image.mode} size={image.size}>"
+            raise ImageReadError(f"cannot read image {name}: {_reason(exc)}") from exc
+    if isinstance(image, np.ndarray):
+        return _array_to_rgb(image)
+    raise ImageReadError(
+        f"cannot convert {type(image).__name__} to an image; expected a path, PIL image or array"
+    )
+
+
+def list_images(folder: str | os.PathLike[str]) -> list[Path]:
+    """Image files directly inside ``folder`` (not recursive), sorted by name.
+
+    Hidden files (names starting with ``.``, such as macOS ``._x.png`` forks) are skipped.
+    """
+    folder = Path(folder)
+    images = _image_files(folder)
+    if not images:
+        expected = ", ".join(IMAGE_EXTENSIONS)
+        raise DataError(f"no images in {folder}; expected files ending in {expected}")
+    return images
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Like `list_images` but returns an empty list for a folder without images."""
+    if not folder.exists():
+        raise DataError(f"folder not found: {folder}")
+    if not folder.is_dir():
+        raise DataError(f"folder not found: {folder} is not a directory")
+    files = (
+        p
+        for p in folder.iterdir()
+        if not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
+    return sorted(files, key=lambda p: p.name)
+
+
+def _read(path: str | os.PathLike[str], convert: Callable[[Image.Image], np.ndarray]) -> np.ndarray:
+    """Open, fully decode and orient an image file, then ``convert`` it; map failures."""
+    try:
+        with warnings.catch_warnings():
+            # We enforce MAX_IMAGE_PIXELS ourselves; Pillow's lower warning threshold is noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path, formats=_FORMATS) as im:
+                width, height = im.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise ImageReadError(
+                        f"cannot read image {path}: {width}x{height} pixels exceeds the limit of "
+                        f"{MAX_IMAGE_PIXELS} (possible decompression bomb)"
+                    )
+                im.load()
+                return convert(im)
+    except ImageReadError:
+        raise
+    except FileNotFoundError as exc:
+        raise ImageReadError(f"cannot read image {path}: file not found") from exc
+    except IsADirectoryError as exc:
+        raise ImageReadError(f"cannot read image {path}: is a directory") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageReadError(f"cannot read image {path}: not a supported image file") from exc
+    except Exception as exc:  # truncated data, Pillow's bomb check, bad EXIF, codec errors...
+        raise ImageReadError(f"cannot read image {path}: {_reason(exc)}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """One-line description of an exception."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _pil_to_rgb(im: Image.Image) -> np.ndarray:
+    """Convert a decoded PIL image (any mode) to ``HxWx3`` ``uint8`` after EXIF orientation."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in _SIXTEEN_BIT_MODES or im.mode == "F":
+        return _array_to_rgb(np.asarray(im))
+    if im.mode == "I":  # 32-bit container used for 16-bit data
+        return _array_to_rgb(np.clip(np.asarray(im), 0, 65535).astype(np.uint16))
+    if im.has_transparency_data:
+        return _array_to_rgb(np.asarray(im.convert("RGBA")))
+    return _array_to_rgb(np.asarray(im.convert("RGB")))
+
+
+def _pil_to_mask(im: Image.Image) -> np.ndarray:
+    """Nonzero pixels of a decoded PIL image (transparent pixels count as zero)."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("1", "L", "I", "F", *_SIXTEEN_BIT_MODES):
+        return np.asarray(im) != 0
+    rgba = np.asarray(im.convert("RGBA"))
+    return rgba[..., :3].any(axis=-1) & (rgba[..., 3] > 0)
+
+
+def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
+    """Convert an ``HxW[xC]`` array of a supported dtype to ``HxWx3`` ``uint8``."""
+    shape_ok = arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (1, 3, 4))
+    if not shape_ok or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ImageReadError(
+            f"cannot convert array of shape {arr.shape}: expected HxW, HxWx1, HxWx3 or HxWx4"
+        )
+    if arr.dtype == np.uint8:
+        out = arr
+    elif arr.dtype == np.bool_:
+        out = arr.astype(np.uint8) * np.uint8(255)
+    elif arr.dtype == np.uint16:
+        out = ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    elif np.issubdtype(arr.dtype, np.floating):
+        if np.isnan(arr).any():
+            raise ImageReadError(f"cannot convert array of shape {arr.shape}: contains NaN")
+        out = np.clip(np.rint(arr.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
+    else:
+        raise ImageReadError(
+            f"cannot convert array of dtype {arr.dtype}: expected uint8, uint16, bool or float"
+        )
+    if out.ndim == 2:
+        out = out[:, :, None]
+    if out.shape[2] == 1:
+        out = np.repeat(out, 3, axis=2)
+    elif out.shape[2] == 4:
+        alpha = out[:, :, 3:].astype(np.uint16)
+        out = ((out[:, :, :3].astype(np.uint16) * alpha + 127) // 255).astype(np.uint8)
+    return np.ascontiguousarray(out)

@@ -1,0 +1,33 @@
+"""Locally aware multi-layer patch features (PatchCore, Roth et al., CVPR 2022, sec. 3.1)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def aggregate_patches(feature_maps: list[torch.Tensor], neighbourhood: int = 3) -> torch.Tensor:
+    """Average each map over a `neighbourhood` x `neighbourhood` window (stride 1), upsample every
+    map to the finest grid (bilinear) and concatenate the channels: (B, sum C, h, w)."""
+    height, width = feature_maps[0].shape[-2:]
+    aggregated = []
+    for features in feature_maps:
+        if neighbourhood > 1:
+            features = F.avg_pool2d(
+                features,
+                neighbourhood,
+                stride=1,
+                padding=neighbourhood // 2,
+                count_include_pad=False,
+            )
+        if tuple(features.shape[-2:]) != (height, width):
+            features = F.interpolate(
+                features, size=(height, width), mode="bilinear", align_corners=False
+            )
+        aggregated.append(features)
+    return torch.cat(aggregated, dim=1)
+
+
+def flatten_patches(features: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B * h * w, C), row-major over images then positions."""
+    return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])

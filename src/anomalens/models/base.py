@@ -1,0 +1,227 @@
+"""The contract every detector follows (scikit-learn / PyOD style).
+
+Constructors only store parameters. `fit(images)` learns from normal images only: it holds out a
+seeded `validation_fraction` of them, learns from the rest, and sets the image and pixel thresholds
+at `target_fpr` / `pixel_target_fpr` on the held-out normal images the model never saw.
+`predict(images)` returns one `Prediction` per image (higher score = more anomalous). `calibrate`
+optionally replaces both thresholds by F1-optimal ones from an explicit labelled set. Fitted state
+ends in `_`. Subclasses implement `_fit`, `_score_batch`, `_tensors` and `_restore`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+import numpy as np
+import torch
+
+from anomalens.errors import DataError, NotFittedError
+from anomalens.ops import resize_maps
+from anomalens.prediction import Prediction
+from anomalens.preprocessing import Batch, ImageLike, iter_batches
+from anomalens.progress import make_progress
+from anomalens.thresholds import (
+    f1_optimal_threshold,
+    pixel_f1_optimal_threshold,
+    threshold_at_fpr,
+)
+
+
+class Detector:
+    """Base class of all anomaly detectors."""
+
+    name: ClassVar[str]
+    produces_maps: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        *,
+        image_size: int = 256,
+        target_fpr: float = 0.01,
+        pixel_target_fpr: float = 0.001,
+        validation_fraction: float = 0.1,
+        batch_size: int = 8,
+        seed: int = 0,
+    ) -> None:
+        self.image_size = image_size
+        self.target_fpr = target_fpr
+        self.pixel_target_fpr = pixel_target_fpr
+        self.validation_fraction = validation_fraction
+        self.batch_size = batch_size
+        self.seed = seed
+
+    @classmethod
+    def param_names(cls) -> list[str]:
+        names: list[str] = []
+        for klass in cls.__mro__:
+            if "__init__" in vars(klass):
+                for parameter in inspect.signature(klass.__init__).parameters.values():
+                    if parameter.name != "self" and parameter.kind not in (
+                        parameter.VAR_KEYWORD,
+                        parameter.VAR_POSITIONAL,
+                    ):
+                        names.append(parameter.name)
+        return list(dict.fromkeys(names))
+
+    def get_params(self) -> dict[str, Any]:
+        """Constructor parameters, as scikit-learn's `get_params`."""
+        return {name: getattr(self, name) for name in self.param_names()}
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{key}={value!r}" for key, value in self.get_params().items())
+        return f"{type(self).__name__}({params})"
+
+    # ---- learning -------------------------------------------------------------------------
+    def fit(self, images: Sequence[ImageLike]) -> Self:
+        """Learn from normal images only, then set thresholds on a held-out part of them."""
+        images = list(images)
+        if len(images) < 2:
+            raise DataError(f"fit needs at least 2 normal images, got {len(images)}")
+        self._seed_everything()
+        order = np.random.default_rng(self.seed).permutation(len(images))
+        held_out = max(1, round(len(images) * self.validation_fraction))
+        learn = [images[i] for i in sorted(order[held_out:])]
+        validation = [images[i] for i in sorted(order[:held_out])]
+        self._fit(learn)
+        self.n_train_images_ = len(learn)
+        scores, maps = self._score_all(validation, "thresholds")
+        self.image_threshold_ = threshold_at_fpr(scores, self.target_fpr)
+        if self.produces_maps:
+            pixels = np.concatenate([m.ravel() for m in maps])
+            self.pixel_threshold_ = threshold_at_fpr(pixels, self.pixel_target_fpr)
+        else:
+            self.pixel_threshold_ = None
+        self.n_validation_images_ = len(validation)
+        self.threshold_source_ = "normal"
+        return self
+
+    def calibrate(
+        self,
+        images: Sequence[ImageLike],
+        labels: Sequence[int],
+        masks: Sequence[np.ndarray | None] | None = None,
+    ) -> Self:
+        """Set F1-optimal thresholds from an explicit labelled calibration set (never the test set).
+
+        `labels`: 1 = anomalous; `masks`: per image a bool HxW ground truth at the image's size,
+        or None; pixel calibration uses the images that have one.
+        """
+        self._check_fitted()
+        images = list(images)
+        if len(labels) != len(images):
+            raise DataError(f"calibrate got {len(images)} images but {len(labels)} labels")
+        scores, maps = self._score_all(images, "calibrating", full_size=True)
+        self.image_threshold_, _ = f1_optimal_threshold(np.asarray(labels), scores)
+        if self.produces_maps and masks is not None:
+            pairs = [(m, a) for m, a in zip(masks, maps, strict=True) if m is not None]
+            if pairs:
+                self.pixel_threshold_, _ = pixel_f1_optimal_threshold(
+                    [m for m, _ in pairs], [a for _, a in pairs]
+                )
+        self.threshold_source_ = "calibration"
+        return self
+
+    # ---- inference -------------------------------------------------------------------------
+    def predict(self, images: Sequence[ImageLike]) -> list[Prediction]:
+        """Score, label, anomaly map (HxW at the image's own size) and mask for every image."""
+        self._check_fitted()
+        scores, maps = self._score_all(list(images), "predicting", full_size=True)
+        return [self._prediction(score, m) for score, m in zip(scores, maps, strict=True)]
+
+    def decision_function(self, images: Sequence[ImageLike]) -> np.ndarray:
+        """Anomaly scores only (higher = more anomalous), like PyOD's `decision_function`."""
+        self._check_fitted()
+        return self._score_all(list(images), "scoring")[0]
+
+    def predict_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Scores (B,) and maps (B, S, S) for an already resized (B, 3, S, S) tensor in [0, 1]."""
+        self._check_fitted()
+        with torch.inference_mode():
+            return self._score_batch(pixels)
+
+    def _prediction(self, score: float, anomaly_map: np.ndarray | None) -> Prediction:
+        mask = None if anomaly_map is None else anomaly_map > self.pixel_threshold_
+        return Prediction(float(score), bool(score > self.image_threshold_), anomaly_map, mask)
+
+    def _score_all(
+        self, images: list[ImageLike], description: str, full_size: bool = False
+    ) -> tuple[np.ndarray, list[np.ndarray | None]]:
+        scores: list[np.ndarray] = []
+        maps: list[np.ndarray | None] = []
+        with make_progress() as progress, torch.inference_mode():
+            task = progress.add_task(description, total=len(images), info="")
+            for batch in iter_batches(images, self.image_size, self.batch_size):
+                batch_scores, batch_maps = self._score_batch(batch.pixels)
+                scores.append(batch_scores)
+                maps.extend(self._resize_maps(batch, batch_maps, full_size))
+                progress.advance(task, len(batch.sizes))
+        return np.concatenate(scores).astype(np.float64), maps
+
+    @staticmethod
+    def _resize_maps(
+        batch: Batch, maps: np.ndarray | None, full_size: bool
+    ) -> list[np.ndarray | None]:
+        if maps is None:
+            return [None] * len(batch.sizes)
+        if not full_size:
+            return list(maps)
+        return [
+            resize_maps(torch.from_numpy(m)[None, None], size)[0, 0].numpy()
+            for m, size in zip(maps, batch.sizes, strict=True)
+        ]
+
+    # ---- persistence ------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write the fitted model to one `.safetensors` file (tensors + JSON config, no pickle)."""
+        from anomalens.model_io import save_model
+
+        self._check_fitted()
+        return save_model(self, path)
+
+    def fitted_config(self) -> dict[str, Any]:
+        """Fitted scalars saved in the model file's JSON config."""
+        return {
+            "image_threshold": self.image_threshold_,
+            "pixel_threshold": self.pixel_threshold_,
+            "n_train_images": self.n_train_images_,
+            "n_validation_images": self.n_validation_images_,
+            "threshold_source": self.threshold_source_,
+        }
+
+    def restore(self, tensors: dict[str, torch.Tensor], fitted: dict[str, Any]) -> None:
+        """Rebuild fitted state from a model file's tensors and fitted config."""
+        self.image_threshold_ = float(fitted["image_threshold"])
+        pixel = fitted.get("pixel_threshold")
+        self.pixel_threshold_ = None if pixel is None else float(pixel)
+        self.n_train_images_ = int(fitted["n_train_images"])
+        self.n_validation_images_ = int(fitted["n_validation_images"])
+        self.threshold_source_ = str(fitted["threshold_source"])
+        self._restore(tensors)
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _seed_everything(self) -> None:
+        random.seed(self.seed)
+        np.random.seed(self.seed)
+        torch.manual_seed(self.seed)
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "image_threshold_"):
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet: call fit first")
+
+    # ---- what a method implements ----------------------------------------------------------
+    def _fit(self, images: list[ImageLike]) -> None:
+        raise NotImplementedError
+
+    def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Scores (B,) and anomaly maps (B, S, S) at the model's input size, or None."""
+        raise NotImplementedError
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError

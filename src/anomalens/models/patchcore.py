@@ -1,0 +1,155 @@
+"""PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022).
+
+1. Locally aware patch features from two mid-level stages of a pretrained CNN (sec. 3.1).
+2. A memory bank of all training patches, subsampled by a greedy k-center coreset (sec. 3.2).
+3. Patch score = distance to the nearest memory-bank patch (exact, FAISS); the image score is the
+   largest patch score, optionally reweighted by how isolated that patch's neighbour is in the
+   bank (eq. 7); the anomaly map is the patch scores upsampled and Gaussian-smoothed (sigma 4).
+
+Nothing is trained: `fit` extracts features once and selects the coreset.
+
+Default `coreset_ratio=0.01`: the paper's PatchCore-1% is within 0.1-0.2 points of the 10% bank on
+MVTec AD, while a 10x smaller bank makes the nearest-neighbour search 10x cheaper at predict time
+and the coreset selection ~100x cheaper at fit time; raise it for very varied normal data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from anomalens.backbones import DEFAULT_BACKBONE, Backbone
+from anomalens.features import aggregate_patches, flatten_patches
+from anomalens.models.base import Detector
+from anomalens.neighbors import NearestNeighbors, greedy_coreset
+from anomalens.ops import gaussian_blur, resize_maps
+from anomalens.preprocessing import ImageLike, iter_batches
+from anomalens.progress import make_progress
+from anomalens.registry import register
+
+
+@register
+class PatchCore(Detector):
+    """PatchCore: nearest-neighbour distance of patch features to a coreset memory bank."""
+
+    name = "patchcore"
+
+    def __init__(
+        self,
+        backbone: str = DEFAULT_BACKBONE,
+        layers: tuple[str, ...] | list[str] | None = None,
+        weights: str = "auto",
+        coreset_ratio: float = 0.01,
+        projection_dim: int = 64,
+        num_neighbors: int = 9,
+        reweight: bool = True,
+        smoothing_sigma: float = 4.0,
+        *,
+        image_size: int = 256,
+        target_fpr: float = 0.01,
+        pixel_target_fpr: float = 0.001,
+        validation_fraction: float = 0.1,
+        batch_size: int = 8,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            image_size=image_size,
+            target_fpr=target_fpr,
+            pixel_target_fpr=pixel_target_fpr,
+            validation_fraction=validation_fraction,
+            batch_size=batch_size,
+            seed=seed,
+        )
+        self.backbone = backbone
+        self.layers = layers
+        self.weights = weights
+        self.coreset_ratio = coreset_ratio
+        self.projection_dim = projection_dim
+        self.num_neighbors = num_neighbors
+        self.reweight = reweight
+        self.smoothing_sigma = smoothing_sigma
+
+    def get_params(self) -> dict:
+        params = super().get_params()
+        params["layers"] = list(self.layers) if self.layers else None
+        params["weights"] = str(self.weights)
+        return params
+
+    # ---- features ----------------------------------------------------------------------------
+    def _build_backbone(self, weights: str | Path) -> None:
+        layers = tuple(self.layers) if self.layers else None
+        self.backbone_ = Backbone(self.backbone, layers, weights)
+        self.layers = list(self.backbone_.layers)
+
+    @torch.inference_mode()
+    def _patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) in [0, 1] -> aggregated patch features (B, D, h, w)."""
+        return aggregate_patches(self.backbone_(pixels))
+
+    # ---- fit ---------------------------------------------------------------------------------
+    def _fit(self, images: list[ImageLike]) -> None:
+        if not 0 < self.coreset_ratio <= 1:
+            raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+        self._build_backbone(self.weights)
+        bank: np.ndarray | None = None
+        with make_progress() as progress:
+            task = progress.add_task("features", total=len(images), info="")
+            start = 0
+            for batch in iter_batches(images, self.image_size, self.batch_size):
+                patches = flatten_patches(self._patch_features(batch.pixels)).numpy()
+                if bank is None:
+                    per_image = patches.shape[0] // len(batch.sizes)
+                    bank = np.empty((per_image * len(images), patches.shape[1]), np.float32)
+                bank[start : start + patches.shape[0]] = patches
+                start += patches.shape[0]
+                progress.advance(task, len(batch.sizes))
+        assert bank is not None
+        if self.coreset_ratio < 1:
+            bank = bank[greedy_coreset(bank, self.coreset_ratio, self.projection_dim, self.seed)]
+        self.memory_bank_ = np.ascontiguousarray(bank)
+        self.index_ = NearestNeighbors(self.memory_bank_)
+
+    # ---- score -------------------------------------------------------------------------------
+    def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        features = self._patch_features(pixels)
+        count, _, height, width = features.shape
+        patches = flatten_patches(features).numpy()
+        distances, nearest = self.index_.search(patches, 1)
+        patch_scores = distances[:, 0].reshape(count, height * width)
+        best = patch_scores.argmax(axis=1)
+        scores = patch_scores[np.arange(count), best]
+        if self.reweight and self.num_neighbors > 1:
+            scores = scores * self._reweighting(
+                patches.reshape(count, height * width, -1)[np.arange(count), best],
+                nearest[:, 0].reshape(count, -1)[np.arange(count), best],
+            )
+        maps = torch.from_numpy(patch_scores.reshape(count, 1, height, width))
+        maps = resize_maps(maps, (self.image_size, self.image_size))
+        maps = gaussian_blur(maps, self.smoothing_sigma)
+        return scores, maps[:, 0].numpy()
+
+    def _reweighting(self, test_patches: np.ndarray, bank_indices: np.ndarray) -> np.ndarray:
+        """Eq. 7: 1 - exp(d(m_test, m*)) / sum over the `num_neighbors` bank neighbours m of m*
+        of exp(d(m_test, m)): a test patch whose nearest bank patch sits in a dense part of the
+        bank is down-weighted, one near an isolated bank patch keeps its score."""
+        _, support = self.index_.search(self.memory_bank_[bank_indices], self.num_neighbors)
+        support_vectors = self.memory_bank_[support]
+        distances = np.linalg.norm(support_vectors - test_patches[:, None, :], axis=-1)
+        weights = np.exp(distances - distances.max(axis=1, keepdims=True))
+        return 1.0 - weights[:, 0] / weights.sum(axis=1)
+
+    # ---- persistence -------------------------------------------------------------------------
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {"memory_bank": torch.from_numpy(self.memory_bank_)}
+        for key, value in self.backbone_.network.state_dict().items():
+            tensors[f"backbone.{key}"] = value
+        return tensors
+
+    def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._build_backbone("random")
+        state = {k[len("backbone.") :]: v for k, v in tensors.items() if k.startswith("backbone.")}
+        self.backbone_.network.load_state_dict(state, strict=True)
+        self.memory_bank_ = np.ascontiguousarray(tensors["memory_bank"].numpy(), dtype=np.float32)
+        self.index_ = NearestNeighbors(self.memory_bank_)

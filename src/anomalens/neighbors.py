@@ -1,0 +1,68 @@
+"""Exact nearest-neighbour search (FAISS) and greedy k-center coreset subsampling."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import torch
+
+from anomalens.progress import make_progress
+
+
+class NearestNeighbors:
+    """Exact L2 nearest neighbours over a fixed set of vectors (FAISS IndexFlatL2)."""
+
+    def __init__(self, vectors: np.ndarray) -> None:
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.index = faiss.IndexFlatL2(self.vectors.shape[1])
+        self.index.add(self.vectors)
+
+    def __len__(self) -> int:
+        return self.vectors.shape[0]
+
+    def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Euclidean distances (not squared) and indices of the `k` nearest vectors, (n, k) each."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        squared, indices = self.index.search(queries, min(k, len(self)))
+        return np.sqrt(np.maximum(squared, 0.0)), indices
+
+
+def greedy_coreset(
+    features: np.ndarray | torch.Tensor,
+    ratio: float,
+    projection_dim: int = 64,
+    seed: int = 0,
+    description: str = "coreset",
+) -> np.ndarray:
+    """Indices of a greedy k-center coreset of `ratio` of the rows (PatchCore, Alg. 1).
+
+    Distances are computed in a Johnson-Lindenstrauss random projection to `projection_dim`
+    dimensions, as in the paper; memory is O(N * projection_dim): no N x N distance matrix.
+    Starts from a seeded random row and repeatedly adds the row farthest from the chosen set.
+    """
+    features = torch.as_tensor(features, dtype=torch.float32)
+    count = features.shape[0]
+    target = max(1, min(count, round(count * ratio)))
+    generator = torch.Generator().manual_seed(seed)
+    if projection_dim and projection_dim < features.shape[1]:
+        projection = torch.randn(features.shape[1], projection_dim, generator=generator)
+        projected = features @ (projection / projection_dim**0.5)
+    else:
+        projected = features
+    squared_norms = (projected * projected).sum(dim=1)
+    min_distances = torch.full((count,), float("inf"))
+    distances = torch.empty(count)
+    selected = np.empty(target, dtype=np.int64)
+    current = int(torch.randint(count, (1,), generator=generator))
+    with make_progress() as progress:
+        task = progress.add_task(description, total=target, info=f"{count} patches")
+        for step in range(target):
+            selected[step] = current
+            torch.mv(projected, projected[current], out=distances)
+            distances.mul_(-2.0).add_(squared_norms).add_(squared_norms[current])
+            torch.minimum(min_distances, distances, out=min_distances)
+            current = int(torch.argmax(min_distances))
+            if step % 64 == 0:
+                progress.update(task, completed=step)
+        progress.update(task, completed=target)
+    return selected

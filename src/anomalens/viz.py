@@ -1,0 +1,108 @@
+"""Heatmap overlays and a small self-contained HTML page of results."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from PIL import Image
+from scipy import ndimage
+
+
+def heatmap_rgb(anomaly_map: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Colour (HxWx3 uint8, 'jet') and opacity (HxW in [0, 1]) for a map.
+
+    The colour scale is fixed by the model's pixel threshold, not by the image, so heatmaps of
+    different images compare: half the threshold and below is transparent blue, the threshold is
+    yellow-green, 1.5x the threshold and above is opaque red.
+    """
+    scale = threshold if threshold and np.isfinite(threshold) and threshold > 0 else 1.0
+    level = np.clip((anomaly_map / scale - 0.5), 0.0, 1.0)
+    colours = (colormaps["jet"](level)[..., :3] * 255).astype(np.uint8)
+    return colours, level
+
+
+def overlay(
+    image: np.ndarray,
+    anomaly_map: np.ndarray,
+    threshold: float,
+    mask: np.ndarray | None = None,
+    opacity: float = 0.6,
+) -> np.ndarray:
+    """The image with its heatmap blended in and the predicted mask outlined in white."""
+    colours, level = heatmap_rgb(anomaly_map, threshold)
+    alpha = (opacity * level)[..., None]
+    blended = image.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha
+    result = blended.round().astype(np.uint8)
+    if mask is not None and mask.any():
+        edge = mask & ~ndimage.binary_erosion(mask, iterations=max(1, min(mask.shape) // 200))
+        result[edge] = 255
+    return result
+
+
+def save_png(array: np.ndarray, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def png_data_uri(array: np.ndarray, max_side: int = 256) -> str:
+    """A PNG `data:` URI (for self-contained HTML), downscaled to `max_side`."""
+    image = Image.fromarray(array)
+    image.thumbnail((max_side, max_side))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One image on the results page."""
+
+    name: str
+    score: float
+    label: bool
+    overlay: np.ndarray
+    truth: str = ""
+
+
+def write_results_page(
+    path: str | Path,
+    title: str,
+    rows: Sequence[ResultRow],
+    metrics: dict[str, float | None] | None = None,
+    threshold: float | None = None,
+) -> Path:
+    """A single HTML file, images inline, listing every image most anomalous first."""
+    path = Path(path)
+    metric_rows = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{'n/a' if v is None else f'{v:.4f}'}</td></tr>"
+        for k, v in (metrics or {}).items()
+        if isinstance(v, float | int) or v is None
+    )
+    cards = "".join(
+        f'<figure class="{"bad" if r.label else "ok"}"><img src="{png_data_uri(r.overlay)}" '
+        f'alt="{html.escape(r.name)}"><figcaption>{html.escape(r.name)}<br>score '
+        f"{r.score:.4g} &rarr; <b>{'ANOMALOUS' if r.label else 'normal'}</b>"
+        f"{'<br>truth: ' + html.escape(r.truth) if r.truth else ''}</figcaption></figure>"
+        for r in sorted(rows, key=lambda r: -r.score)
+    )
+    threshold_line = "" if threshold is None else f"<p>Image threshold: {threshold:.4g}</p>"
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:1.5em}}table{{border-collapse:collapse}}
+th,td{{border:1px solid #ccc;padding:.2em .6em;text-align:left}}
+figure{{display:inline-block;margin:.4em;padding:.3em;border:3px solid #8c8;font-size:.8em}}
+figure.bad{{border-color:#d44}}img{{display:block;width:200px}}</style></head><body>
+<h1>{html.escape(title)}</h1>{threshold_line}<table>{metric_rows}</table>
+<p>Heatmap: blue = normal, red = anomalous; white outline = predicted defect mask.
+Red frame = classified anomalous.</p>{cards}</body></html>"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    return path

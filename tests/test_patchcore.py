@@ -1,0 +1,164 @@
+"""PatchCore behaviour on the synthetic data: detection, localisation, persistence, determinism."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import anomalens
+from anomalens.data.mvtec import load_sample_mask, test_samples, training_images
+from anomalens.errors import DataError, ModelFileError, NotFittedError
+from anomalens.evaluation import evaluate
+from anomalens.metrics import image_auroc
+
+
+def test_registry_lists_and_creates_patchcore() -> None:
+    assert "patchcore" in anomalens.list_models()
+    model = anomalens.create("patchcore", coreset_ratio=0.05)
+    assert model.coreset_ratio == 0.05
+    assert not hasattr(model, "memory_bank_"), "constructor must not fit anything"
+    with pytest.raises(anomalens.AnomalensError, match="unknown model"):
+        anomalens.create("nope")
+    with pytest.raises(anomalens.AnomalensError, match="no parameter 'coreset'"):
+        anomalens.create("patchcore", coreset=0.1)
+
+
+def test_predict_before_fit_is_a_clear_error() -> None:
+    with pytest.raises(NotFittedError, match="fit"):
+        anomalens.create("patchcore").predict([np.zeros((32, 32, 3), np.uint8)])
+
+
+def test_fit_needs_two_images() -> None:
+    with pytest.raises(DataError, match="at least 2"):
+        anomalens.create("patchcore").fit([np.zeros((32, 32, 3), np.uint8)])
+
+
+def test_detects_and_localises_synthetic_defects(fitted_patchcore, brick: Path) -> None:
+    samples = test_samples(brick)
+    predictions = fitted_patchcore.predict([s.path for s in samples])
+    labels = [s.label for s in samples]
+    assert image_auroc(labels, [p.score for p in predictions]) >= 0.9
+    peaks_inside = 0
+    for sample, prediction in zip(samples, predictions, strict=True):
+        assert prediction.anomaly_map.shape == (128, 128)
+        assert prediction.anomaly_map.dtype == np.float32
+        assert prediction.mask.shape == (128, 128) and prediction.mask.dtype == bool
+        if sample.label:
+            mask = load_sample_mask(sample, (128, 128))
+            peak = np.unravel_index(np.argmax(prediction.anomaly_map), mask.shape)
+            near = np.zeros_like(mask)
+            near[max(0, peak[0] - 6) : peak[0] + 7, max(0, peak[1] - 6) : peak[1] + 7] = True
+            peaks_inside += bool((near & mask).any())
+    assert peaks_inside >= 0.75 * sum(labels)
+
+
+def test_thresholds_come_from_held_out_normal_images(fitted_patchcore) -> None:
+    model = fitted_patchcore
+    assert model.threshold_source_ == "normal"
+    assert model.n_validation_images_ == 2 and model.n_train_images_ == 14
+    assert np.isfinite(model.image_threshold_) and np.isfinite(model.pixel_threshold_)
+    assert model.memory_bank_.shape[0] == round(14 * 16 * 16 * 0.25)
+
+
+def test_maps_follow_the_input_image_size(fitted_patchcore, brick: Path) -> None:
+    image = np.asarray(
+        __import__("PIL.Image", fromlist=["Image"]).open(test_samples(brick)[0].path)
+    )
+    wide = np.concatenate([image, image], axis=1)
+    (prediction,) = fitted_patchcore.predict([wide])
+    assert prediction.anomaly_map.shape == (128, 256)
+
+
+def test_save_load_roundtrip_gives_identical_predictions(fitted_patchcore, brick, tmp_path) -> None:
+    path = fitted_patchcore.save(tmp_path / "brick.safetensors")
+    loaded = anomalens.load(path)
+    images = [s.path for s in test_samples(brick)[:6]]
+    before, after = fitted_patchcore.predict(images), loaded.predict(images)
+    for a, b in zip(before, after, strict=True):
+        assert a.score == b.score and a.label == b.label
+        np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
+    assert loaded.get_params() == fitted_patchcore.get_params()
+    assert loaded.image_threshold_ == fitted_patchcore.image_threshold_
+
+
+def test_model_file_has_no_pickle_and_a_json_config(fitted_patchcore, tmp_path) -> None:
+    from anomalens.model_io import read_config
+
+    path = fitted_patchcore.save(tmp_path / "m.safetensors")
+    raw = path.read_bytes()
+    assert b"\x80\x04\x95" not in raw[:4096], "pickle protocol header found"
+    config = read_config(path)
+    assert config["format"] == "anomalens" and config["format_version"] == 1
+    assert config["model"] == "patchcore"
+    assert config["params"]["backbone"] == "tf_efficientnet_lite0"
+    assert config["params"]["layers"] == ["blocks.2", "blocks.4"]
+    assert config["fitted"]["image_threshold"] == fitted_patchcore.image_threshold_
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "not a readable"),
+        (b"\x00" * 100, "not a readable"),
+        (b"PK\x03\x04 this is a zip file", "not a readable"),
+    ],
+)
+def test_corrupt_model_files_give_clear_errors(tmp_path, content: bytes, message: str) -> None:
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(ModelFileError, match=message):
+        anomalens.load(path)
+
+
+def test_truncated_and_foreign_model_files(fitted_patchcore, tmp_path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    good = fitted_patchcore.save(tmp_path / "m.safetensors").read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ModelFileError):
+        anomalens.load(truncated)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(3)}, str(foreign))
+    with pytest.raises(ModelFileError, match="not an anomalens model"):
+        anomalens.load(foreign)
+    with pytest.raises(ModelFileError, match="not found"):
+        anomalens.load(tmp_path / "missing.safetensors")
+
+
+def test_same_seed_same_model_and_scores(brick: Path) -> None:
+    images = training_images(brick)
+    tests = [s.path for s in test_samples(brick)[:4]]
+    runs = [
+        anomalens.create("patchcore", image_size=64, coreset_ratio=0.1, seed=3).fit(images)
+        for _ in range(2)
+    ]
+    np.testing.assert_array_equal(runs[0].memory_bank_, runs[1].memory_bank_)
+    assert [p.score for p in runs[0].predict(tests)] == [p.score for p in runs[1].predict(tests)]
+
+
+def test_calibrate_sets_f1_optimal_thresholds(fitted_patchcore, brick: Path) -> None:
+    import copy
+
+    model = copy.deepcopy(fitted_patchcore)
+    samples = test_samples(brick)
+    masks = [load_sample_mask(s, (128, 128)) for s in samples]
+    model.calibrate([s.path for s in samples], [s.label for s in samples], masks)
+    assert model.threshold_source_ == "calibration"
+    labels = [p.label for p in model.predict([s.path for s in samples])]
+    truth = [bool(s.label) for s in samples]
+    correct = sum(a == b for a, b in zip(labels, truth, strict=True))
+    assert correct >= 0.85 * len(samples)
+    with pytest.raises(DataError, match="labels"):
+        model.calibrate([s.path for s in samples], [1])
+
+
+def test_evaluate_reports_all_metrics(fitted_patchcore, brick: Path) -> None:
+    metrics = evaluate(fitted_patchcore, brick).metrics
+    for key in ("image_auroc", "image_aupr", "image_f1_max", "pixel_auroc", "aupro"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["pixel_auroc"] > 0.85
+    assert metrics["n_images"] == 14 and metrics["predict_ms_per_image"] > 0
