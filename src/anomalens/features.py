@@ -31,3 +31,12 @@ def aggregate_patches(feature_maps: list[torch.Tensor], neighbourhood: int = 3) 
 def flatten_patches(features: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) -> (B * h * w, C), row-major over images then positions."""
     return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+
+
+def pooled_features(feature_maps: list[torch.Tensor]) -> torch.Tensor:
+    """One vector per image: each map global-average-pooled, channels concatenated: (B, sum C).
+
+    The image-level representation of the density and one-class methods (e.g. Rippel et al. 2020,
+    Bergman et al. 2020).
+    """
+    return torch.cat([features.mean(dim=(2, 3)) for features in feature_maps], dim=1)
