@@ -52,3 +52,58 @@ def evaluate(detector: Any, root: str | Path) -> Evaluation:
     metrics["n_images"] = len(samples)
     metrics["predict_ms_per_image"] = 1000.0 * elapsed / len(samples)
     return Evaluation(metrics, samples, predictions)
+
+
+class PeakMemory:
+    """Peak resident memory (MB) of this process while the `with` block runs (Linux /proc)."""
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        self.interval_s = interval_s
+        self.peak_mb = 0.0
+
+    @staticmethod
+    def current_mb() -> float:
+        try:
+            with open("/proc/self/status", encoding="ascii") as status:
+                for line in status:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return float("nan")
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak_mb = max(self.peak_mb, self.current_mb())
+
+    def __enter__(self) -> PeakMemory:
+        import threading
+
+        self.peak_mb = self.current_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, self.current_mb())
+
+
+def fit_and_evaluate(model: str, root: str | Path, **params: Any) -> tuple[Any, Evaluation]:
+    """Create `model`, fit it on `root`'s normal training images, evaluate on its test split.
+
+    Adds fit_s, peak_rss_mb (process peak during fit and evaluation) and model to the metrics.
+    """
+    from anomalens.data.mvtec import training_images
+    from anomalens.registry import create
+
+    detector = create(model, **params)
+    with PeakMemory() as memory:
+        started = time.perf_counter()
+        detector.fit(training_images(root))
+        fit_s = time.perf_counter() - started
+        evaluation = evaluate(detector, root)
+    evaluation.metrics.update(model=model, fit_s=fit_s, peak_rss_mb=memory.peak_mb)
+    return detector, evaluation
