@@ -83,8 +83,8 @@ def fit(
     ):
         if value is not None:
             params[key] = value
-    images = training_images(data)
     detector = anomalens.create(model, **params)
+    images = training_images(data)
     console.print(f"fitting [bold]{model}[/] on {len(images)} normal images from {data}")
     detector.fit(images)
     detector.save(output)
@@ -278,19 +278,7 @@ def main() -> None:
     """Console-script entry point: one-line errors, exit status 2 for bad input."""
     progress.enable(sys.stderr.isatty())
     try:
-        app(standalone_mode=False)
+        app()
     except AnomalensError as error:
         errors.print(f"error: {error}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except typer.Exit as exit_:
-        sys.exit(exit_.exit_code)
-    except typer.Abort:
-        errors.print("aborted")
-        sys.exit(130)
-    except Exception as error:  # click usage errors
-        import click
-
-        if isinstance(error, click.exceptions.ClickException):
-            error.show()
-            sys.exit(2)
-        raise

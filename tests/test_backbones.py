@@ -1,0 +1,95 @@
+"""Pretrained backbones: the offline weights are real, and never silently random."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+from skimage import data
+
+from anomalens.backbones import (
+    OFFLINE_WEIGHTS,
+    Backbone,
+    create_classifier,
+    default_layers,
+    read_state_dict,
+)
+from anomalens.errors import WeightsError
+
+
+@pytest.mark.parametrize(
+    ("name", "count"), [("tf_efficientnet_lite0", 296), ("tf_efficientnet_lite2", 386)]
+)
+def test_offline_weights_map_one_to_one_onto_timm(name: str, count: int) -> None:
+    state = read_state_dict(OFFLINE_WEIGHTS[name].path())
+    target = timm.create_model(name, pretrained=False).state_dict()
+    assert len(state) == len(target) == count
+    shapes = [(a.shape, b.shape) for a, b in zip(state.values(), target.values(), strict=True)]
+    assert all(a == b for a, b in shapes)
+
+
+def _top5(model: torch.nn.Module, image: np.ndarray, name: str) -> list[int]:
+    config = timm.get_pretrained_cfg(name)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    x = torch.nn.functional.interpolate(x, size=(224, 224), mode="bilinear", antialias=True)
+    x = (x - torch.tensor(config.mean).view(1, 3, 1, 1)) / torch.tensor(config.std).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        return model(x)[0].topk(5).indices.tolist()
+
+
+def test_default_weights_are_real_imagenet_weights() -> None:
+    model = create_classifier()
+    assert _top5(model, data.chelsea(), "tf_efficientnet_lite0")[0] in range(281, 286)
+    assert _top5(model, data.coffee(), "tf_efficientnet_lite0")[0] in (967, 968)
+
+
+def test_random_weights_do_not_classify_the_cat() -> None:
+    model = create_classifier(weights="random")
+    assert _top5(model, data.chelsea(), "tf_efficientnet_lite0")[0] not in range(281, 286)
+
+
+def test_default_layers_are_the_stride_8_and_16_stages() -> None:
+    assert default_layers("tf_efficientnet_lite0") == ("blocks.2", "blocks.4")
+    assert default_layers("resnet18") == ("layer2", "layer3")
+    backbone = Backbone()
+    assert backbone.strides == (8, 16) and backbone.channels == (40, 112)
+    maps = backbone(torch.rand(1, 3, 64, 64))
+    assert [tuple(m.shape) for m in maps] == [(1, 40, 8, 8), (1, 112, 4, 4)]
+
+
+def test_missing_weights_fail_with_instructions(monkeypatch) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(WeightsError, match=r"weights=PATH.*random"):
+        Backbone("resnet18")
+
+
+def test_local_weights_file_is_used(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    source = timm.create_model("resnet18", pretrained=False).eval()
+    save_file(source.state_dict(), str(tmp_path / "r18.safetensors"))
+    torch.save(source.state_dict(), tmp_path / "r18.pth")
+    x = torch.rand(1, 3, 64, 64)
+    with torch.inference_mode():
+        expected = source.forward_features(x)
+        for path in (tmp_path / "r18.safetensors", tmp_path / "r18.pth"):
+            backbone = Backbone("resnet18", ("layer4",), weights=path)
+            (got,) = backbone.network(x)
+            torch.testing.assert_close(got, expected)
+
+
+def test_wrong_weights_file_is_refused(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(timm.create_model("resnet18").state_dict(), str(tmp_path / "r18.safetensors"))
+    with pytest.raises(WeightsError, match="do not fit"):
+        Backbone("resnet34", weights=tmp_path / "r18.safetensors")
+    with pytest.raises(WeightsError, match="not found"):
+        Backbone("resnet18", weights=tmp_path / "missing.pth")
+    with pytest.raises(WeightsError, match="no feature layer"):
+        Backbone("resnet18", ("layer9",), weights="random")
+    with pytest.raises(WeightsError, match="unknown backbone"):
+        Backbone("no_such_net", weights="random")

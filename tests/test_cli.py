@@ -1,0 +1,135 @@
+"""The command line, run in-process through its entry point (exit codes, files, one-line errors)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from anomalens.cli import main
+
+
+def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["anomalens", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+        sys.exit(0)
+    captured = capsys.readouterr()
+    return exit_info.value.code or 0, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def model_file(brick: Path, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cli") / "brick.safetensors"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            sys,
+            "argv",
+            [
+                "anomalens",
+                "fit",
+                str(brick),
+                "-o",
+                str(path),
+                "--image-size",
+                "128",
+                "--param",
+                "coreset_ratio=0.25",
+            ],
+        )
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+            sys.exit(0)
+    assert exit_info.value.code in (0, None)
+    return path
+
+
+def test_fit_writes_a_model_file(model_file: Path) -> None:
+    from anomalens.model_io import read_config
+
+    config = read_config(model_file)
+    assert config["params"]["coreset_ratio"] == 0.25 and config["params"]["image_size"] == 128
+
+
+def test_predict_goes_on_past_bad_files(model_file, brick, tmp_path, monkeypatch, capsys) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    for source in sorted((brick / "test").glob("*/000.png")):
+        (images / f"{source.parent.name}.png").write_bytes(source.read_bytes())
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "out"
+    code, _, stderr = run(
+        monkeypatch, capsys, "predict", model_file, images, tmp_path / "nope.png", "--out", out
+    )
+    assert code == 2
+    with open(out / "results.csv", encoding="utf-8") as handle:
+        rows = {Path(r["path"]).name: r for r in csv.DictReader(handle)}
+    assert set(rows) == {
+        "foreign.png",
+        "good.png",
+        "hole.png",
+        "scratch.png",
+        "stain.png",
+        "broken.png",
+        "nope.png",
+    }
+    assert "broken.png" in rows["broken.png"]["error"] and rows["broken.png"]["score"] == ""
+    assert "not found" in rows["nope.png"]["error"]
+    assert float(rows["foreign.png"]["score"]) > float(rows["good.png"]["score"])
+    assert rows["good.png"]["label"] == "0" and rows["foreign.png"]["label"] == "1"
+    assert (out / "hole_overlay.png").is_file() and not (out / "broken_overlay.png").exists()
+    assert "broken.png" in stderr and "Traceback" not in stderr
+
+
+def test_evaluate_writes_metrics_json(model_file, brick, tmp_path, monkeypatch, capsys) -> None:
+    code, _, _ = run(
+        monkeypatch,
+        capsys,
+        "evaluate",
+        model_file,
+        brick,
+        "--json",
+        tmp_path / "m.json",
+        "--out",
+        tmp_path / "report",
+    )
+    assert code == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    for key in ("image_auroc", "image_aupr", "image_f1_max", "pixel_auroc", "aupro"):
+        assert 0.5 < metrics[key] <= 1.0
+    assert metrics["n_images"] == 14 and metrics["predict_ms_per_image"] > 0
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert page.count("data:image/png;base64,") == 14
+    assert len(list((tmp_path / "report" / "overlays").glob("*/*.png"))) == 14
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["fit", "{tmp}/missing", "-o", "{tmp}/m.safetensors"], "not found"),
+        (["fit", "{tmp}", "-o", "{tmp}/m.safetensors"], "no images"),
+        (["predict", "{tmp}/bad.safetensors", "x.png", "--out", "{tmp}/o"], "not a readable"),
+        (["evaluate", "{tmp}/missing.safetensors", "{tmp}"], "model file not found"),
+        (["fit", "{tmp}", "-o", "m.safetensors", "--model", "nope"], "unknown model"),
+        (["fit", "{tmp}", "-o", "m.safetensors", "--param", "oops"], "KEY=VALUE"),
+    ],
+)
+def test_mistakes_give_one_line_and_status_2(tmp_path, monkeypatch, capsys, args, message) -> None:
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    code, _, stderr = run(monkeypatch, capsys, *[a.format(tmp=tmp_path) for a in args])
+    assert code == 2
+    assert message in stderr
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_usage_errors_exit_2(monkeypatch, capsys) -> None:
+    code, _, stderr = run(monkeypatch, capsys, "fit")
+    assert code == 2 and "Missing" in stderr
+
+
+def test_models_lists_patchcore(monkeypatch, capsys) -> None:
+    code, stdout, _ = run(monkeypatch, capsys, "models")
+    assert code == 0 and "patchcore" in stdout.split()

@@ -1,0 +1,43 @@
+"""Greedy k-center coreset and exact nearest-neighbour search."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from anomalens.neighbors import NearestNeighbors, greedy_coreset
+
+
+def _covering_radius(points: np.ndarray, chosen: np.ndarray) -> float:
+    distances, _ = NearestNeighbors(points[chosen]).search(points, 1)
+    return float(distances.max())
+
+
+def test_search_is_exact() -> None:
+    rng = np.random.default_rng(0)
+    bank, queries = rng.normal(size=(300, 16)), rng.normal(size=(50, 16))
+    distances, indices = NearestNeighbors(bank).search(queries, 3)
+    brute = np.linalg.norm(queries[:, None] - bank[None], axis=-1)
+    np.testing.assert_array_equal(indices, np.argsort(brute, axis=1)[:, :3])
+    np.testing.assert_allclose(distances, np.sort(brute, axis=1)[:, :3], rtol=1e-4)
+
+
+def test_coreset_covers_every_cluster_where_random_sampling_does_not() -> None:
+    rng = np.random.default_rng(1)
+    centres = rng.normal(scale=20, size=(20, 32))
+    sizes = rng.integers(5, 400, size=20)
+    points = np.concatenate(
+        [c + rng.normal(size=(n, 32)) for c, n in zip(centres, sizes, strict=True)]
+    )
+    chosen = greedy_coreset(points, ratio=40 / len(points), projection_dim=16, seed=0)
+    assert len(chosen) == 40 and len(set(chosen.tolist())) == 40
+    random = rng.choice(len(points), 40, replace=False)
+    assert _covering_radius(points, chosen) < 0.5 * _covering_radius(points, random)
+    cluster_of = np.repeat(np.arange(20), sizes)
+    assert set(cluster_of[chosen]) == set(range(20))
+
+
+def test_coreset_is_seeded() -> None:
+    points = np.random.default_rng(2).normal(size=(500, 8)).astype(np.float32)
+    a = greedy_coreset(points, 0.1, seed=5)
+    assert np.array_equal(a, greedy_coreset(points, 0.1, seed=5))
+    assert not np.array_equal(a, greedy_coreset(points, 0.1, seed=6))
