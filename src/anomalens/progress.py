@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -33,9 +34,51 @@ def enabled() -> bool:
     return _forced if _forced is not None else sys.stderr.isatty()
 
 
+class _Progress(Progress):
+    """A rich Progress that registers itself so that bars opened inside it nest as extra rows."""
+
+    def __enter__(self) -> _Progress:
+        _active.append(self)
+        super().__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _active.remove(self)
+        super().__exit__(*exc)
+
+
+class _Nested:
+    """Adds rows to the progress display already on screen, and removes them when done."""
+
+    def __init__(self, outer: Progress) -> None:
+        self._outer = outer
+        self._tasks: list[TaskID] = []
+
+    def __enter__(self) -> _Nested:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for task in self._tasks:
+            self._outer.remove_task(task)
+
+    def add_task(self, description: str, **kwargs: Any) -> TaskID:
+        task = self._outer.add_task(description, **kwargs)
+        self._tasks.append(task)
+        return task
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._outer, name)
+
+
+_active: list[_Progress] = []
+
+
 def make_progress() -> Progress:
-    """A rich progress display with a bar, counts, elapsed and remaining time."""
-    return Progress(
+    """A progress display with a bar, counts, elapsed and remaining time; inside another one it
+    adds rows to it (rich allows one live display at a time)."""
+    if _active:
+        return _Nested(_active[-1])  # type: ignore[return-value]
+    return _Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -43,7 +86,6 @@ def make_progress() -> Progress:
         TextColumn("eta"),
         TimeRemainingColumn(),
         TextColumn("{task.fields[info]}"),
-        transient=False,
         disable=not enabled(),
     )
 
