@@ -19,6 +19,7 @@ import base64
 import html
 import io
 import json
+import os
 import platform
 import re
 import resource
@@ -108,11 +109,13 @@ def run_benchmark(
     *,
     speed_repeats: int = 20,
     examples: int = 3,
+    threads: int | None = None,
     command: str = "",
     on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Fit and evaluate every spec on every dataset, each row in a fresh process; write
-    ``out/results.json`` and ``out/report.html`` and return the rows."""
+    ``out/results.json`` and ``out/report.html`` and return the rows. `threads`: torch threads
+    per row (default: torch's own choice)."""
     from anomalens.data.mvtec import test_samples, training_images
 
     out = Path(out)
@@ -125,15 +128,15 @@ def run_benchmark(
     for root in roots:
         for spec in specs:
             detail = out / "rows" / f"{root.name}__{spec.label}"
-            row = _run_in_subprocess(spec, root, detail, speed_repeats, examples)
+            row = _run_in_subprocess(spec, root, detail, speed_repeats, examples, threads)
             rows.append(row)
             if on_row is not None:
                 on_row(row)
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "command": command,
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, "
-        f"{torch.get_num_threads()} torch threads",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{threads or torch.get_num_threads()} torch threads",
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
@@ -143,9 +146,15 @@ def run_benchmark(
 
 
 def _run_in_subprocess(
-    spec: ModelSpec, root: Path, detail: Path, speed_repeats: int, examples: int
+    spec: ModelSpec,
+    root: Path,
+    detail: Path,
+    speed_repeats: int,
+    examples: int,
+    threads: int | None,
 ) -> dict[str, Any]:
     job = {
+        "threads": threads,
         "spec": asdict(spec),
         "dataset": str(root),
         "detail": str(detail),
@@ -305,6 +314,8 @@ def _worker(job_text: str) -> None:
 
     progress.enable(sys.stderr.isatty())
     job = json.loads(job_text)
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
     spec = ModelSpec(**job["spec"])
     detail = Path(job["detail"])
     try:

@@ -297,6 +297,9 @@ def benchmark(
     examples: Annotated[
         int, typer.Option(help="Worst normal / best-hidden anomalous images shown per row.")
     ] = 3,
+    threads: Annotated[
+        int | None, typer.Option(help="Torch threads per row (default: torch's choice).")
+    ] = None,
 ) -> None:
     """Fit and evaluate models on datasets, each row in a fresh process; write a report."""
     specs = parse_models(models, _parse_params(param or []))
@@ -308,6 +311,7 @@ def benchmark(
         out,
         speed_repeats=speed_repeats,
         examples=examples,
+        threads=threads,
         command=" ".join(["anomalens", *sys.argv[1:]]),
         on_row=lambda row: console.print(
             f"{row['dataset']} / {row['model']}: "
