@@ -13,17 +13,15 @@ import argparse
 import json
 import platform
 import resource
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
 import anomalens
-from anomalens.data.io import load_image
+from anomalens.benchmark import batch1_speed
 from anomalens.data.mvtec import test_samples, training_images
 from anomalens.evaluation import evaluate
-from anomalens.preprocessing import resize_to_tensor
 
 
 def peak_rss_mb() -> float:
@@ -43,32 +41,7 @@ def accuracy(root: Path, params: dict) -> dict:
 
 def speed(model, root: Path, repeats: int = 40) -> dict:
     """Median ms of predict([256x256 uint8 image]) vs backbone forward on the same tensor."""
-    size = model.image_size
-    paths = [s.path for s in test_samples(root)][:repeats]
-    images = [
-        (resize_to_tensor([load_image(p)], size)[0].permute(1, 2, 0) * 255).round().byte().numpy()
-        for p in paths
-    ]
-    tensors = [resize_to_tensor([image], size) for image in images]
-    predict_ms, backbone_ms = [], []
-    with torch.inference_mode():
-        for image, tensor in zip(images[:5], tensors[:5], strict=True):
-            model.predict([image])
-            model.backbone_(tensor)
-        for image, tensor in zip(images, tensors, strict=True):
-            started = time.perf_counter()
-            model.backbone_(tensor)
-            backbone_ms.append(1000 * (time.perf_counter() - started))
-            started = time.perf_counter()
-            model.predict([image])
-            predict_ms.append(1000 * (time.perf_counter() - started))
-    predict, backbone = statistics.median(predict_ms), statistics.median(backbone_ms)
-    return {
-        "predict_ms_batch1": predict,
-        "backbone_ms_batch1": backbone,
-        "ratio": predict / backbone,
-        "repeats": len(images),
-    }
+    return batch1_speed(model, [s.path for s in test_samples(root)], repeats)
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from anomalens.errors import WeightsError
+from anomalens.handcrafted import HANDCRAFTED, HandcraftedFeatures, handcrafted_levels
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 
@@ -50,8 +51,9 @@ OFFLINE_WEIGHTS: dict[str, OfflineWeights] = {
 
 
 def list_backbones() -> list[str]:
-    """Backbones whose pretrained weights are available offline; any timm name also works."""
-    return sorted(OFFLINE_WEIGHTS)
+    """Backbones available offline (pretrained weights shipped, or `handcrafted`, which needs
+    none); any timm name also works."""
+    return sorted([*OFFLINE_WEIGHTS, HANDCRAFTED])
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -148,12 +150,24 @@ def _create(
 
 
 def feature_levels(name: str) -> list[tuple[str, int, int]]:
-    """(module name, stride, channels) of each feature level a timm network exposes."""
+    """(module name, stride, channels) of each feature level a timm network (or the
+    handcrafted extractor) exposes."""
+    if name == HANDCRAFTED:
+        return handcrafted_levels()
     try:
         info = timm.create_model(name, pretrained=False, features_only=True).feature_info
     except Exception as error:
         raise WeightsError(f"unknown backbone {name!r}: {error}") from error
     return list(zip(info.module_name(), info.reduction(), info.channels(), strict=True))
+
+
+def layers_with_strides(name: str, strides: tuple[int, ...]) -> tuple[str, ...]:
+    """The first feature level of each of `strides` that the backbone has, in stride order."""
+    chosen: dict[int, str] = {}
+    for module, stride, _ in feature_levels(name):
+        if stride in strides:
+            chosen.setdefault(stride, module)
+    return tuple(chosen[stride] for stride in sorted(chosen))
 
 
 def default_layers(name: str) -> tuple[str, ...]:
@@ -197,5 +211,47 @@ class Backbone(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.eval()
 
+    def weight_tensors(self) -> dict[str, torch.Tensor]:
+        """The network's weights (to save in a model file, so it is self-contained)."""
+        return dict(self.network.state_dict())
+
+    def load_weight_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        self.network.load_state_dict(state, strict=True)
+
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         return self.network((images - self.mean) / self.std)
+
+
+FeatureExtractor = Backbone | HandcraftedFeatures
+"""Anything with `layers`, `strides`, `channels`, `weight_tensors()` and a forward pass that
+maps (B, 3, H, W) images in [0, 1] to one feature map per layer."""
+
+
+def create_backbone(
+    name: str = DEFAULT_BACKBONE,
+    layers: tuple[str, ...] | list[str] | None = None,
+    weights: str | Path = "auto",
+) -> FeatureExtractor:
+    """A pretrained timm `Backbone`, or the `HandcraftedFeatures` for ``name="handcrafted"``
+    (which has no weights, so `weights` is ignored)."""
+    layers = tuple(layers) if layers else None
+    if name == HANDCRAFTED:
+        return HandcraftedFeatures(layers)
+    return Backbone(name, layers, weights)
+
+
+def backbone_tensors(extractor: FeatureExtractor) -> dict[str, torch.Tensor]:
+    """The extractor's weights keyed ``backbone.<name>``, for a model file."""
+    return {f"backbone.{key}": value for key, value in extractor.weight_tensors().items()}
+
+
+def restore_backbone(
+    name: str, layers: tuple[str, ...] | list[str] | None, tensors: dict[str, torch.Tensor]
+) -> FeatureExtractor:
+    """Rebuild an extractor from a model file's ``backbone.*`` tensors (explicit, never silent:
+    random initialisation, then every weight loaded strictly)."""
+    extractor = create_backbone(name, layers, "random")
+    prefix = "backbone."
+    state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    extractor.load_weight_tensors(state)
+    return extractor

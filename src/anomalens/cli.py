@@ -18,10 +18,13 @@ from rich.table import Table
 
 import anomalens
 from anomalens import progress
+from anomalens.benchmark import DEFAULT_MODELS, parse_models, run_benchmark
 from anomalens.data.io import list_images, to_rgb_array
 from anomalens.data.mvtec import training_images
 from anomalens.errors import AnomalensError, DataError, ImageReadError
 from anomalens.evaluation import evaluate as evaluate_model
+from anomalens.models.tiled import tiled
+from anomalens.tiling import check_tiling
 from anomalens.viz import ResultRow, overlay, save_png, write_results_page
 
 app = typer.Typer(
@@ -72,6 +75,14 @@ def fit(
     param: Annotated[
         list[str] | None, typer.Option(help="Any detector parameter, KEY=VALUE (repeatable).")
     ] = None,
+    tile: Annotated[
+        int | None,
+        typer.Option(help="Cut images into SIZE-pixel tiles (learn and score at full detail)."),
+    ] = None,
+    tile_overlap: Annotated[int, typer.Option(help="Overlap of adjacent tiles, pixels.")] = 64,
+    tile_stitch: Annotated[
+        str, typer.Option(help="Combine overlapping tile maps by max or mean.")
+    ] = "max",
 ) -> None:
     """Fit a detector on normal images and save it."""
     params = _parse_params(param or [])
@@ -83,7 +94,12 @@ def fit(
     ):
         if value is not None:
             params[key] = value
-    detector = anomalens.create(model, **params)
+    if tile is None:
+        detector = anomalens.create(model, **params)
+    else:
+        check_tiling(tile, tile_overlap, tile_stitch)
+        detector = tiled(model, tile, tile_overlap, tile_stitch, **params)
+        model = f"{model} on {tile}-pixel tiles"
     images = training_images(data)
     console.print(f"fitting [bold]{model}[/] on {len(images)} normal images from {data}")
     detector.fit(images)
@@ -257,6 +273,56 @@ def demo(
     links = "".join(f'<li><a href="{p.relative_to(out)}">{p.parent.name}</a></li>' for p in pages)
     index.write_text(f"<!doctype html><h1>anomalens demo</h1><ul>{links}</ul>", encoding="utf-8")
     console.print(f"heatmap overlays and results pages: [bold]{index.resolve()}[/]")
+
+
+@app.command()
+def benchmark(
+    data: Annotated[
+        list[Path],
+        typer.Option("--data", help="MVTec-layout dataset folder(s): --data DIR [DIR...]."),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Folder for results.json and report.html.")],
+    more_data: Annotated[list[Path] | None, typer.Argument(hidden=True)] = None,
+    models: Annotated[
+        str,
+        typer.Option(help="Comma-separated model names; LABEL=MODEL runs one under a label."),
+    ] = DEFAULT_MODELS,
+    param: Annotated[
+        list[str] | None,
+        typer.Option(help="KEY=VALUE for every model, or LABEL.KEY=VALUE for one (repeatable)."),
+    ] = None,
+    speed_repeats: Annotated[
+        int, typer.Option(help="Single-image predict timings per row (0: skip).")
+    ] = 20,
+    examples: Annotated[
+        int, typer.Option(help="Worst normal / best-hidden anomalous images shown per row.")
+    ] = 3,
+    threads: Annotated[
+        int | None, typer.Option(help="Torch threads per row (default: torch's choice).")
+    ] = None,
+) -> None:
+    """Fit and evaluate models on datasets, each row in a fresh process; write a report."""
+    specs = parse_models(models, _parse_params(param or []))
+    datasets = [*data, *(more_data or [])]
+    console.print(f"benchmarking {len(specs)} model(s) on {len(datasets)} dataset(s)")
+    rows = run_benchmark(
+        specs,
+        datasets,
+        out,
+        speed_repeats=speed_repeats,
+        examples=examples,
+        threads=threads,
+        command=" ".join(["anomalens", *sys.argv[1:]]),
+        on_row=lambda row: console.print(
+            f"{row['dataset']} / {row['model']}: "
+            + (row.get("error") or f"image AUROC {row['image_auroc']:.4f}")
+        ),
+    )
+    console.print(_metrics_table("benchmark", [(f"{r['dataset']} {r['model']}", r) for r in rows]))
+    console.print(f"results: {out / 'results.json'}, report: {out / 'report.html'}")
+    failed = [row for row in rows if "error" in row]
+    if failed:
+        raise AnomalensError(f"{len(failed)} benchmark row(s) failed; see {out / 'results.json'}")
 
 
 @app.command()

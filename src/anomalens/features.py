@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
+
+from anomalens.preprocessing import ImageLike, iter_batches
+from anomalens.progress import make_progress
 
 
 def aggregate_patches(feature_maps: list[torch.Tensor], neighbourhood: int = 3) -> torch.Tensor:
@@ -40,3 +45,20 @@ def pooled_features(feature_maps: list[torch.Tensor]) -> torch.Tensor:
     Bergman et al. 2020).
     """
     return torch.cat([features.mean(dim=(2, 3)) for features in feature_maps], dim=1)
+
+
+def pooled_dataset_features(
+    extractor: torch.nn.Module,
+    images: Sequence[ImageLike],
+    image_size: int,
+    batch_size: int,
+    description: str = "features",
+) -> torch.Tensor:
+    """`pooled_features` of every image, streamed in batches: (N, sum C) float32."""
+    vectors = []
+    with make_progress() as progress, torch.inference_mode():
+        task = progress.add_task(description, total=len(images), info="")
+        for batch in iter_batches(images, image_size, batch_size):
+            vectors.append(pooled_features(extractor(batch.pixels)))
+            progress.advance(task, len(batch.sizes))
+    return torch.cat(vectors)

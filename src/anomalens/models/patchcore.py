@@ -6,7 +6,8 @@
    largest patch score, optionally reweighted by how isolated that patch's neighbour is in the
    bank (eq. 7); the anomaly map is the patch scores upsampled and Gaussian-smoothed (sigma 4).
 
-Nothing is trained: `fit` extracts features once and selects the coreset.
+Nothing is trained: `fit` extracts features once and selects the coreset. `backbone="handcrafted"`
+uses colour/LBP/gradient-orientation statistics instead of a CNN (`anomalens.handcrafted`).
 
 Default `coreset_ratio=0.01`: the paper's PatchCore-1% is within 0.1-0.2 points of the 10% bank on
 MVTec AD, while a 10x smaller bank makes the nearest-neighbour search 10x cheaper at predict time
@@ -15,12 +16,15 @@ and the coreset selection ~100x cheaper at fit time; raise it for very varied no
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
-from anomalens.backbones import DEFAULT_BACKBONE, Backbone
+from anomalens.backbones import (
+    DEFAULT_BACKBONE,
+    backbone_tensors,
+    create_backbone,
+    restore_backbone,
+)
 from anomalens.features import aggregate_patches, flatten_patches
 from anomalens.models.base import Detector
 from anomalens.neighbors import NearestNeighbors, greedy_coreset
@@ -78,11 +82,6 @@ class PatchCore(Detector):
         return params
 
     # ---- features ----------------------------------------------------------------------------
-    def _build_backbone(self, weights: str | Path) -> None:
-        layers = tuple(self.layers) if self.layers else None
-        self.backbone_ = Backbone(self.backbone, layers, weights)
-        self.layers = list(self.backbone_.layers)
-
     @torch.inference_mode()
     def _patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) in [0, 1] -> aggregated patch features (B, D, h, w)."""
@@ -92,7 +91,8 @@ class PatchCore(Detector):
     def _fit(self, images: list[ImageLike]) -> None:
         if not 0 < self.coreset_ratio <= 1:
             raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
-        self._build_backbone(self.weights)
+        self.backbone_ = create_backbone(self.backbone, self.layers, self.weights)
+        self.layers = list(self.backbone_.layers)
         bank: np.ndarray | None = None
         with make_progress() as progress:
             task = progress.add_task("features", total=len(images), info="")
@@ -142,14 +142,12 @@ class PatchCore(Detector):
 
     # ---- persistence -------------------------------------------------------------------------
     def _tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {"memory_bank": torch.from_numpy(self.memory_bank_)}
-        for key, value in self.backbone_.network.state_dict().items():
-            tensors[f"backbone.{key}"] = value
-        return tensors
+        return {
+            "memory_bank": torch.from_numpy(self.memory_bank_),
+            **backbone_tensors(self.backbone_),
+        }
 
     def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
-        self._build_backbone("random")
-        state = {k[len("backbone.") :]: v for k, v in tensors.items() if k.startswith("backbone.")}
-        self.backbone_.network.load_state_dict(state, strict=True)
+        self.backbone_ = restore_backbone(self.backbone, self.layers, tensors)
         self.memory_bank_ = np.ascontiguousarray(tensors["memory_bank"].numpy(), dtype=np.float32)
         self.index_ = NearestNeighbors(self.memory_bank_)

@@ -1,0 +1,95 @@
+"""Deep nearest-neighbour anomaly detection (Bergman, Cohen & Hoshen, "Deep Nearest Neighbor
+Anomaly Detection", arXiv:2002.10445, 2020).
+
+1. Every image is represented by the global-average-pooled features of the last stage of an
+   ImageNet-pretrained CNN (the paper: ResNet after its final pooling), with no fine-tuning.
+2. The anomaly score is the mean Euclidean distance to the `k` nearest normal training images
+   (the paper's default k = 2), found exactly with FAISS.
+
+Image-level only: `anomaly_map` is None.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from anomalens.backbones import (
+    DEFAULT_BACKBONE,
+    backbone_tensors,
+    create_backbone,
+    feature_levels,
+    restore_backbone,
+)
+from anomalens.features import pooled_dataset_features, pooled_features
+from anomalens.models.base import Detector
+from anomalens.neighbors import NearestNeighbors
+from anomalens.preprocessing import ImageLike
+from anomalens.registry import register
+
+
+@register
+class KNN(Detector):
+    """Mean distance to the k nearest normal images in pooled pretrained-feature space."""
+
+    name = "knn"
+    produces_maps = False
+
+    def __init__(
+        self,
+        backbone: str = DEFAULT_BACKBONE,
+        layers: tuple[str, ...] | list[str] | None = None,
+        weights: str = "auto",
+        k: int = 2,
+        *,
+        image_size: int = 256,
+        target_fpr: float = 0.01,
+        pixel_target_fpr: float = 0.001,
+        validation_fraction: float = 0.1,
+        batch_size: int = 8,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            image_size=image_size,
+            target_fpr=target_fpr,
+            pixel_target_fpr=pixel_target_fpr,
+            validation_fraction=validation_fraction,
+            batch_size=batch_size,
+            seed=seed,
+        )
+        self.backbone = backbone
+        self.layers = layers
+        self.weights = weights
+        self.k = k
+
+    def get_params(self) -> dict:
+        params = super().get_params()
+        params["layers"] = list(self.layers) if self.layers else None
+        params["weights"] = str(self.weights)
+        return params
+
+    def _fit(self, images: list[ImageLike]) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be at least 1, got {self.k}")
+        layers = self.layers or [feature_levels(self.backbone)[-1][0]]
+        self.backbone_ = create_backbone(self.backbone, layers, self.weights)
+        self.layers = list(self.backbone_.layers)
+        vectors = pooled_dataset_features(self.backbone_, images, self.image_size, self.batch_size)
+        self.train_features_ = np.ascontiguousarray(vectors.numpy(), dtype=np.float32)
+        self.index_ = NearestNeighbors(self.train_features_)
+
+    def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, None]:
+        vectors = pooled_features(self.backbone_(pixels)).numpy()
+        distances, _ = self.index_.search(vectors, self.k)
+        return distances.mean(axis=1), None
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "features": torch.from_numpy(self.train_features_),
+            **backbone_tensors(self.backbone_),
+        }
+
+    def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.backbone_ = restore_backbone(self.backbone, self.layers, tensors)
+        self.train_features_ = np.ascontiguousarray(tensors["features"].numpy(), dtype=np.float32)
+        self.index_ = NearestNeighbors(self.train_features_)

@@ -1,0 +1,165 @@
+"""Any map-producing detector applied tile by tile to high-resolution images (`anomalens.tiling`).
+
+`fit` learns the wrapped detector from the tiles of the normal images (so it sees them at the same
+scale as it will at predict time); thresholds are set, as for every detector, on whole held-out
+normal images. An image's score is the highest score of its tiles; its anomaly map is the tiles'
+maps stitched at full resolution (maximum or mean where tiles overlap).
+
+    model = anomalens.create("tiled", detector="patchcore", tile_size=512, tile_overlap=64)
+    # or: anomalens.models.tiled.tiled("patchcore", tile_size=512, coreset_ratio=0.05)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from anomalens.data.io import to_rgb_array
+from anomalens.errors import AnomalensError
+from anomalens.models.base import Detector
+from anomalens.preprocessing import ImageLike, resize_to_tensor
+from anomalens.progress import make_progress
+from anomalens.registry import create, register
+from anomalens.tiling import Stitcher, TiledImages, check_tiling, tile_grid
+
+THRESHOLD_PIXELS = 1 << 20
+"""Pixels per held-out image used for the pixel threshold (a regular subsample beyond this)."""
+
+
+@register
+class Tiled(Detector):
+    """`detector` (with `detector_params`) run on overlapping `tile_size` tiles, maps stitched."""
+
+    name = "tiled"
+
+    def __init__(
+        self,
+        detector: str = "patchcore",
+        detector_params: dict[str, Any] | None = None,
+        tile_size: int = 512,
+        tile_overlap: int = 64,
+        stitch: str = "max",
+        *,
+        image_size: int = 256,
+        target_fpr: float = 0.01,
+        pixel_target_fpr: float = 0.001,
+        validation_fraction: float = 0.1,
+        batch_size: int = 8,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            image_size=image_size,
+            target_fpr=target_fpr,
+            pixel_target_fpr=pixel_target_fpr,
+            validation_fraction=validation_fraction,
+            batch_size=batch_size,
+            seed=seed,
+        )
+        self.detector = detector
+        self.detector_params = detector_params
+        self.tile_size = tile_size
+        self.tile_overlap = tile_overlap
+        self.stitch = stitch
+
+    def _inner(self) -> Detector:
+        params = dict(self.detector_params or {})
+        shared = sorted(set(params) & set(Detector.param_names()))
+        if shared:
+            raise AnomalensError(
+                f"set {shared[0]} on the tiled model itself, not in detector_params"
+            )
+        inner = create(
+            self.detector,
+            **params,
+            image_size=self.image_size,
+            batch_size=self.batch_size,
+            seed=self.seed,
+        )
+        if not inner.produces_maps:
+            raise AnomalensError(
+                f"tiling needs a detector that produces anomaly maps; {self.detector} is "
+                "image-level only"
+            )
+        return inner
+
+    def _fit(self, images: list[ImageLike]) -> None:
+        check_tiling(self.tile_size, self.tile_overlap, self.stitch)
+        self.detector_ = self._inner()
+        self.detector_._fit(TiledImages(images, self.tile_size, self.tile_overlap))
+        self.detector_params = self.detector_.get_params()
+        for key in Detector.param_names():
+            self.detector_params.pop(key)
+
+    def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Tiles already cut and resized to (B, 3, S, S): the wrapped detector's scores and maps."""
+        return self.detector_._score_batch(pixels)
+
+    def _score_image(self, image: np.ndarray) -> tuple[float, Stitcher]:
+        height, width = image.shape[:2]
+        tiles = tile_grid(height, width, self.tile_size, self.tile_overlap)
+        stitcher = Stitcher(height, width, self.image_size / self.tile_size, self.stitch)
+        best = -math.inf
+        for start in range(0, len(tiles), self.batch_size):
+            chunk = tiles[start : start + self.batch_size]
+            crops = [image[top : top + h, left : left + w] for top, left, h, w in chunk]
+            scores, maps = self.detector_._score_batch(resize_to_tensor(crops, self.image_size))
+            best = max(best, float(np.max(scores)))
+            for tile, tile_map in zip(chunk, maps, strict=True):
+                stitcher.add(tile, tile_map)
+        return best, stitcher
+
+    def _score_all(
+        self, images: list[ImageLike], description: str, full_size: bool = False
+    ) -> tuple[np.ndarray, list[np.ndarray | None]]:
+        """Per image, its best tile score and the stitched map: at the image's size when
+        `full_size`, else on the tiles' model-resolution canvas, regularly subsampled to at most
+        `THRESHOLD_PIXELS` pixels (enough for a pixel threshold, without gigabytes of maps)."""
+        scores: list[float] = []
+        maps: list[np.ndarray | None] = []
+        with make_progress() as progress, torch.inference_mode():
+            task = progress.add_task(description, total=len(images), info="")
+            for image in images:
+                array = to_rgb_array(image)
+                score, stitcher = self._score_image(array)
+                scores.append(score)
+                if full_size:
+                    maps.append(stitcher.result(array.shape[:2]))
+                else:
+                    canvas = stitcher.result()
+                    step = max(1, math.ceil(math.sqrt(canvas.size / THRESHOLD_PIXELS)))
+                    maps.append(np.ascontiguousarray(canvas[::step, ::step]))
+                progress.advance(task)
+        return np.asarray(scores, dtype=np.float64), maps
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {f"detector.{key}": value for key, value in self.detector_._tensors().items()}
+
+    def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.detector_ = self._inner()
+        prefix = "detector."
+        self.detector_._restore(
+            {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        )
+
+
+def tiled(
+    detector: str,
+    tile_size: int = 512,
+    tile_overlap: int = 64,
+    stitch: str = "max",
+    **params: Any,
+) -> Tiled:
+    """A `Tiled` model: `params` that every detector shares (image_size, seed, thresholds...) go
+    to the tiled model, the rest to `detector`."""
+    shared = set(Detector.param_names())
+    return Tiled(
+        detector,
+        {k: v for k, v in params.items() if k not in shared},
+        tile_size,
+        tile_overlap,
+        stitch,
+        **{k: v for k, v in params.items() if k in shared},
+    )
