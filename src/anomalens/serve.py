@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -252,13 +253,14 @@ class UploadLimits:
         if length.isdigit() and int(length) > self.max_bytes:
             await self._refuse(receive, send, too_large)
             return
-        state = {"received": 0, "over": False, "started": False}
+        state = {"received": 0, "over": False, "started": False, "complete": False}
 
         async def counted() -> Message:
             if state["over"]:
                 return {"type": "http.disconnect"}
             message = await receive()
             state["received"] += len(message.get("body", b""))
+            state["complete"] = not message.get("more_body", False)
             if state["received"] > self.max_bytes:
                 state["over"] = True
                 return {"type": "http.disconnect"}
@@ -275,19 +277,23 @@ class UploadLimits:
             if not state["over"]:
                 raise
         if state["over"] and not state["started"]:
-            await self._refuse(receive, send, too_large)
+            await self._refuse(receive, send, too_large, drain=not state["complete"])
 
-    async def _refuse(self, receive: Receive, send: Send, error: ServiceError) -> None:
-        """Read and drop what the client sends (up to a bound, so it gets to read the answer),
-        then answer with `error`."""
+    async def _refuse(
+        self, receive: Receive, send: Send, error: ServiceError, drain: bool = True
+    ) -> None:
+        """Read and drop the rest of the body (at most 4 x the limit, for at most 10 s, so that
+        the client gets to read the answer), then answer with `error`."""
         budget = 4 * self.max_bytes
-        more = True
-        while more and budget > 0:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            budget -= len(message.get("body", b""))
-            more = message.get("more_body", False)
+        more = drain
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10):
+                while more and budget > 0:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        break
+                    budget -= len(message.get("body", b""))
+                    more = message.get("more_body", False)
         response = _error_response(error)
         await response({"type": "http"}, receive, send)
 
