@@ -46,9 +46,10 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     return _read(path, _pil_to_rgb)
 
 
-def decode_image(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+def decode_image(data: bytes, name: str, max_pixels: int | None = None) -> np.ndarray:
     """Decode an image file held in memory (an upload) like `load_image`; `name` is what error
-    messages call it, and images of more than `max_pixels` are refused before decoding."""
+    messages call it, and images of more than `max_pixels` (default `MAX_IMAGE_PIXELS`) are
+    refused before decoding."""
     return _read(io.BytesIO(data), _pil_to_rgb, name=name, max_pixels=max_pixels)
 
 
@@ -113,10 +114,11 @@ def _read(
     source: str | os.PathLike[str] | io.BytesIO,
     convert: Callable[[Image.Image], np.ndarray],
     name: str | None = None,
-    max_pixels: int = MAX_IMAGE_PIXELS,
+    max_pixels: int | None = None,
 ) -> np.ndarray:
     """Open, fully decode and orient an image file, then ``convert`` it; map failures."""
     path = source if name is None else name
+    max_pixels = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
         with warnings.catch_warnings():
             # We enforce MAX_IMAGE_PIXELS ourselves; Pillow's lower warning threshold is noise.
