@@ -146,7 +146,9 @@ def main() -> None:
             finally:
                 server.terminate()
                 server.wait(timeout=30)
-            result.update(model=model.suffix, workers=args.workers, image_px=256)
+            result.update(
+                model=model.suffix, workers=args.workers, image_px=256, load=os.getloadavg()
+            )
             report.append(result)
             print(json.dumps(result), flush=True)
     if args.json:

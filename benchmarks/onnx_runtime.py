@@ -1,6 +1,7 @@
 """ONNX Runtime vs torch: predict latency of one PatchCore on 2 cores at 256x256, batch 1 and 8.
 
     .venv/bin/python benchmarks/onnx_runtime.py [--data ../shared/datasets] [--json OUT.json]
+        [--threads 2] [--model FITTED.safetensors (loaded if present, else fitted and saved)]
 
 Fits PatchCore with its defaults (256 px, 1% coreset) on MVTec AD bottle (the synthetic brick
 category where that is absent), exports it to ONNX, checks parity on the test images, then times
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -100,15 +102,24 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/datasets"))
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=THREADS)
+    parser.add_argument(
+        "--model", type=Path, default=None, help="fitted model file: used if present, else saved"
+    )
     args = parser.parse_args()
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
         root = dataset(args.data, Path(scratch))
-        model = anomalens.create("patchcore").fit(training_images(root))
+        if args.model and args.model.is_file():
+            model = anomalens.load(args.model)
+        else:
+            model = anomalens.create("patchcore").fit(training_images(root))
+            if args.model:
+                model.save(args.model)
         started = time.perf_counter()
         onnx_file = export_onnx(model, Path(scratch) / "model.onnx")
         export_s = time.perf_counter() - started
-        onnx_model = anomalens.OnnxModel(onnx_file, threads=THREADS)
+        onnx_model = anomalens.OnnxModel(onnx_file, threads=args.threads)
         paths = [sample.path for sample in test_samples(root)]
         size = model.image_size
         images = [
@@ -123,7 +134,8 @@ def main() -> None:
             "memory_bank": len(model.memory_bank_),
             "onnx_mb": onnx_file.stat().st_size / 1e6,
             "export_s": export_s,
-            "threads": THREADS,
+            "threads": args.threads,
+            "load_average": os.getloadavg(),
             "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__,
             "cpu": platform.processor() or platform.machine(),

@@ -343,6 +343,11 @@ def create_app(settings: Settings) -> FastAPI:
     async def http_error(_: Any, error: StarletteHTTPException) -> JSONResponse:
         return _error_response(ServiceError(error.status_code, "http_error", str(error.detail)))
 
+    @app.exception_handler(Exception)
+    async def internal_error(_: Any, error: Exception) -> JSONResponse:
+        detail = f"internal error ({type(error).__name__}); see the server log"
+        return _error_response(ServiceError(500, "internal_error", detail))
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse(page_html)

@@ -120,8 +120,10 @@ class PatchCore(Detector):
         features = self._patch_features(pixels)
         count, _, height, width = features.shape
         patches = flatten_patches(features).numpy()
-        distances, nearest = self.index_.search(patches, 1)
-        patch_scores = distances[:, 0].reshape(count, height * width)
+        _, nearest = self.index_.search(patches, 1)
+        # The exact |m_test - m*|: FAISS's expanded form |q|^2 - 2 q.m + |m|^2 loses precision.
+        distances = np.linalg.norm(patches - self.memory_bank_[nearest[:, 0]], axis=1)
+        patch_scores = distances.reshape(count, height * width)
         best = patch_scores.argmax(axis=1)
         scores = patch_scores[np.arange(count), best]
         if self.reweight and self.num_neighbors > 1:
