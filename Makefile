@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint format bench
+.PHONY: venv demo test lint format bench bench-deploy
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,3 +29,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/patchcore.py --json benchmarks/out/patchcore.json
+
+bench-deploy: $(STAMP)
+	$(PY) benchmarks/onnx_runtime.py --json benchmarks/out/onnx_runtime.json
+	$(PY) benchmarks/load_test.py --json benchmarks/out/load_test.json

@@ -38,3 +38,19 @@ def fitted_patchcore(brick: Path):
     """PatchCore fitted on the brick category's normal images (small input, whole bank)."""
     model = anomalens.create("patchcore", image_size=128, coreset_ratio=0.25)
     return model.fit(training_images(brick))
+
+
+@pytest.fixture(scope="session")
+def patchcore_files(fitted_patchcore, tmp_path_factory) -> tuple[Path, Path]:
+    """The fitted PatchCore saved as a model file and exported to ONNX by the CLI:
+    (model.safetensors, model.onnx)."""
+    from typer.testing import CliRunner
+
+    from anomalens.cli import app
+
+    folder = tmp_path_factory.mktemp("patchcore_files")
+    model = fitted_patchcore.save(folder / "model.safetensors")
+    onnx = folder / "model.onnx"
+    result = CliRunner().invoke(app, ["export", str(model), "--format", "onnx", "-o", str(onnx)])
+    assert result.exit_code == 0, result.output
+    return model, onnx

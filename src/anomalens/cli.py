@@ -129,7 +129,7 @@ def _expand_inputs(inputs: list[Path]) -> tuple[list[Path], list[tuple[Path, str
 @app.command()
 def predict(
     model_file: Annotated[
-        Path, typer.Argument(metavar="MODEL", help="Model file from `anomalens fit`.")
+        Path, typer.Argument(metavar="MODEL", help="Model file from `anomalens fit` or `export`.")
     ],
     inputs: Annotated[
         list[Path],
@@ -326,8 +326,51 @@ def benchmark(
 
 
 @app.command()
+def export(
+    model_file: Annotated[
+        Path, typer.Argument(metavar="MODEL", help="Model file from `anomalens fit`.")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="File to write (.onnx).")],
+    fmt: Annotated[str, typer.Option("--format", help="Export format: onnx.")] = "onnx",
+) -> None:
+    """Export a model as one ONNX graph (pixels -> score, anomaly map) for ONNX Runtime."""
+    from anomalens.export import FORMATS, export_onnx
+
+    if fmt not in FORMATS:
+        raise AnomalensError(f"unknown export format {fmt!r}; available: {', '.join(FORMATS)}")
+    detector = anomalens.load(model_file)
+    path = export_onnx(detector, output)
+    console.print(
+        f"exported {detector.name} to {path} ({path.stat().st_size / 1e6:.1f} MB), checked "
+        f"against torch; use it with `anomalens predict {path} ...` or anomalens.OnnxModel"
+    )
+
+
+@app.command()
+def serve(
+    model_file: Annotated[
+        Path, typer.Argument(metavar="MODEL", help="Model file (.safetensors or .onnx).")
+    ],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    workers: Annotated[int, typer.Option(help="Worker processes, each with the model.")] = 1,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest request body, in MB.")] = 20.0,
+) -> None:
+    """Serve a model over HTTP: POST /v1/predict, GET /v1/model, /healthz, /docs, web page at /."""
+    from anomalens.serve import serve as run_service
+
+    run_service(
+        model_file,
+        host=host,
+        port=port,
+        workers=workers,
+        max_upload_bytes=round(max_upload_mb * 1_000_000),
+    )
+
+
+@app.command()
 def info(model_file: Annotated[Path, typer.Argument(metavar="MODEL")]) -> None:
-    """Print a model file's configuration (model, parameters, thresholds, format version)."""
+    """Print a model file's (or ONNX export's) configuration: model, parameters, thresholds."""
     from anomalens.model_io import read_config
 
     console.print_json(json.dumps(read_config(model_file)))

@@ -23,3 +23,7 @@ class WeightsError(AnomalensError, RuntimeError):
 
 class NotFittedError(AnomalensError, RuntimeError):
     """A detector was used before `fit` (or `load`)."""
+
+
+class ExportError(AnomalensError, ValueError):
+    """A model cannot be exported (its method has no exportable graph) or the export failed."""

@@ -22,12 +22,11 @@ FORMAT_VERSION = 1
 CONFIG_KEY = "anomalens_config"
 
 
-def save_model(detector: Any, path: str | Path) -> Path:
-    """Write a fitted detector to `path` (a `.safetensors` file)."""
+def model_config(detector: Any) -> dict[str, Any]:
+    """The JSON config of a fitted detector, as stored in its model file (and ONNX export)."""
     from anomalens import __version__
 
-    path = Path(path)
-    config = {
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "anomalens_version": __version__,
@@ -35,6 +34,12 @@ def save_model(detector: Any, path: str | Path) -> Path:
         "params": detector.get_params(),
         "fitted": detector.fitted_config(),
     }
+
+
+def save_model(detector: Any, path: str | Path) -> Path:
+    """Write a fitted detector to `path` (a `.safetensors` file)."""
+    path = Path(path)
+    config = model_config(detector)
     tensors = {key: t.detach().contiguous().cpu() for key, t in detector._tensors().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={CONFIG_KEY: json.dumps(config)})
@@ -42,10 +47,14 @@ def save_model(detector: Any, path: str | Path) -> Path:
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
-    """The JSON config of a model file, validated, without reading its tensors."""
+    """The JSON config of a model file (or ONNX export), validated, without reading its tensors."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"model file not found: {path}")
+    if path.suffix.lower() == ".onnx":
+        from anomalens.runtime import read_onnx_config
+
+        return read_onnx_config(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -60,6 +69,11 @@ def read_config(path: str | Path) -> dict[str, Any]:
         config = json.loads(metadata[CONFIG_KEY])
     except json.JSONDecodeError as error:
         raise ModelFileError(f"{path} has a corrupt model config: {error}") from error
+    return check_config(config, path)
+
+
+def check_config(config: Any, path: Path) -> dict[str, Any]:
+    """`config` itself when it is a complete anomalens config of the supported format version."""
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise ModelFileError(f"{path} is not an anomalens model file")
     version = config.get("format_version")
@@ -75,10 +89,15 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
 
 def load_model(path: str | Path) -> Any:
-    """Load a detector saved with `save`; raises `ModelFileError` for a bad file."""
+    """Load a detector saved with `save`, or an ONNX export (`.onnx`: an `OnnxModel`); raises
+    `ModelFileError` for a bad file."""
     from anomalens.registry import create
 
     path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        from anomalens.runtime import OnnxModel
+
+        return OnnxModel(path)
     config = read_config(path)
     try:
         with safe_open(str(path), framework="pt") as handle:

@@ -66,3 +66,18 @@ def greedy_coreset(
                 progress.update(task, completed=step)
         progress.update(task, completed=target)
     return selected
+
+
+def nearest_by_matmul(
+    queries: torch.Tensor, vectors: torch.Tensor, squared_norms: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact nearest neighbour of each query (..., D) among `vectors` (N, D), written as a matrix
+    product and a reduction so that it traces and exports to ONNX.
+
+    The argmin is over |v|^2 - 2 q.v (`squared_norms` = |v|^2, precomputed); the returned
+    Euclidean distance |q - v*| is then computed directly, free of the cancellation error of
+    the expanded form.
+    """
+    nearest = (squared_norms - 2.0 * queries @ vectors.T).argmin(dim=-1)
+    distances = torch.linalg.vector_norm(queries - vectors[nearest], dim=-1)
+    return distances, nearest

@@ -28,6 +28,14 @@ def heatmap_rgb(anomaly_map: np.ndarray, threshold: float) -> tuple[np.ndarray, 
     return colours, level
 
 
+def heatmap_rgba(anomaly_map: np.ndarray, threshold: float) -> np.ndarray:
+    """`heatmap_rgb` as one HxWx4 uint8 image whose alpha is the opacity: it can be laid over
+    the picture as it is (the web page of `anomalens serve` does so)."""
+    colours, level = heatmap_rgb(anomaly_map, threshold)
+    alpha = (level * 255).round().astype(np.uint8)
+    return np.concatenate([colours, alpha[..., None]], axis=-1)
+
+
 def overlay(
     image: np.ndarray,
     anomaly_map: np.ndarray,

@@ -7,6 +7,7 @@ always read as black whatever colour they happen to store.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Callable
@@ -43,6 +44,13 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     images are taken to lie in ``[0, 1]``.
     """
     return _read(path, _pil_to_rgb)
+
+
+def decode_image(data: bytes, name: str, max_pixels: int | None = None) -> np.ndarray:
+    """Decode an image file held in memory (an upload) like `load_image`; `name` is what error
+    messages call it, and images of more than `max_pixels` (default `MAX_IMAGE_PIXELS`) are
+    refused before decoding."""
+    return _read(io.BytesIO(data), _pil_to_rgb, name=name, max_pixels=max_pixels)
 
 
 def load_mask(path: str | os.PathLike[str]) -> np.ndarray:
@@ -102,18 +110,25 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.name)
 
 
-def _read(path: str | os.PathLike[str], convert: Callable[[Image.Image], np.ndarray]) -> np.ndarray:
+def _read(
+    source: str | os.PathLike[str] | io.BytesIO,
+    convert: Callable[[Image.Image], np.ndarray],
+    name: str | None = None,
+    max_pixels: int | None = None,
+) -> np.ndarray:
     """Open, fully decode and orient an image file, then ``convert`` it; map failures."""
+    path = source if name is None else name
+    max_pixels = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
         with warnings.catch_warnings():
             # We enforce MAX_IMAGE_PIXELS ourselves; Pillow's lower warning threshold is noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path, formats=_FORMATS) as im:
+            with Image.open(source, formats=_FORMATS) as im:
                 width, height = im.size
-                if width * height > MAX_IMAGE_PIXELS:
+                if width * height > max_pixels:
                     raise ImageReadError(
                         f"cannot read image {path}: {width}x{height} pixels exceeds the limit of "
-                        f"{MAX_IMAGE_PIXELS} (possible decompression bomb)"
+                        f"{max_pixels} (possible decompression bomb)"
                     )
                 im.load()
                 return convert(im)

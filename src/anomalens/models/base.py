@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Self
 import numpy as np
 import torch
 
-from anomalens.errors import DataError, NotFittedError
+from anomalens.errors import DataError, ExportError, NotFittedError
 from anomalens.ops import resize_maps
 from anomalens.prediction import Prediction
 from anomalens.preprocessing import Batch, ImageLike, iter_batches
@@ -173,6 +173,16 @@ class Detector:
             resize_maps(torch.from_numpy(m)[None, None], size)[0, 0].numpy()
             for m, size in zip(maps, batch.sizes, strict=True)
         ]
+
+    # ---- export -----------------------------------------------------------------------------
+    def export_module(self) -> torch.nn.Module:
+        """The fitted model as one traceable torch module for ONNX export (`anomalens.export`).
+
+        Its forward takes pixels (B, 3, S, S) in [0, 1] and returns (scores (B,), maps (B, S, S)),
+        or (scores,) for image-level methods, computing what `_score_batch` computes. Methods
+        without one raise `ExportError`.
+        """
+        raise ExportError(f"{self.name} models cannot be exported to ONNX (no exportable graph)")
 
     # ---- persistence ------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

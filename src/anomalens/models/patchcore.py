@@ -8,6 +8,9 @@
 
 Nothing is trained: `fit` extracts features once and selects the coreset. `backbone="handcrafted"`
 uses colour/LBP/gradient-orientation statistics instead of a CNN (`anomalens.handcrafted`).
+`export_module` gives the same computation as one graph for ONNX: the nearest-neighbour search
+becomes a matrix product and a reduction over the bank, and the reweighting gathers each bank
+patch's neighbours, precomputed at export time.
 
 Default `coreset_ratio=0.01`: the paper's PatchCore-1% is within 0.1-0.2 points of the 10% bank on
 MVTec AD, while a 10x smaller bank makes the nearest-neighbour search 10x cheaper at predict time
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
 
 from anomalens.backbones import (
     DEFAULT_BACKBONE,
@@ -27,7 +31,7 @@ from anomalens.backbones import (
 )
 from anomalens.features import aggregate_patches, flatten_patches
 from anomalens.models.base import Detector
-from anomalens.neighbors import NearestNeighbors, greedy_coreset
+from anomalens.neighbors import NearestNeighbors, greedy_coreset, nearest_by_matmul
 from anomalens.ops import gaussian_blur, resize_maps
 from anomalens.preprocessing import ImageLike, iter_batches
 from anomalens.progress import make_progress
@@ -116,8 +120,10 @@ class PatchCore(Detector):
         features = self._patch_features(pixels)
         count, _, height, width = features.shape
         patches = flatten_patches(features).numpy()
-        distances, nearest = self.index_.search(patches, 1)
-        patch_scores = distances[:, 0].reshape(count, height * width)
+        _, nearest = self.index_.search(patches, 1)
+        # The exact |m_test - m*|: FAISS's expanded form |q|^2 - 2 q.m + |m|^2 loses precision.
+        distances = np.linalg.norm(patches - self.memory_bank_[nearest[:, 0]], axis=1)
+        patch_scores = distances.reshape(count, height * width)
         best = patch_scores.argmax(axis=1)
         scores = patch_scores[np.arange(count), best]
         if self.reweight and self.num_neighbors > 1:
@@ -126,19 +132,20 @@ class PatchCore(Detector):
                 nearest[:, 0].reshape(count, -1)[np.arange(count), best],
             )
         maps = torch.from_numpy(patch_scores.reshape(count, 1, height, width))
-        maps = resize_maps(maps, (self.image_size, self.image_size))
-        maps = gaussian_blur(maps, self.smoothing_sigma)
-        return scores, maps[:, 0].numpy()
+        return scores, anomaly_maps(maps, self.image_size, self.smoothing_sigma).numpy()
 
     def _reweighting(self, test_patches: np.ndarray, bank_indices: np.ndarray) -> np.ndarray:
-        """Eq. 7: 1 - exp(d(m_test, m*)) / sum over the `num_neighbors` bank neighbours m of m*
-        of exp(d(m_test, m)): a test patch whose nearest bank patch sits in a dense part of the
-        bank is down-weighted, one near an isolated bank patch keeps its score."""
+        """Eq. 7 weights of the test patches whose nearest bank patches are `bank_indices`."""
         _, support = self.index_.search(self.memory_bank_[bank_indices], self.num_neighbors)
-        support_vectors = self.memory_bank_[support]
-        distances = np.linalg.norm(support_vectors - test_patches[:, None, :], axis=-1)
-        weights = np.exp(distances - distances.max(axis=1, keepdims=True))
-        return 1.0 - weights[:, 0] / weights.sum(axis=1)
+        weights = reweighting(
+            torch.from_numpy(test_patches), torch.from_numpy(self.memory_bank_[support])
+        )
+        return weights.numpy()
+
+    # ---- export ------------------------------------------------------------------------------
+    def export_module(self) -> nn.Module:
+        self._check_fitted()
+        return PatchCoreGraph(self)
 
     # ---- persistence -------------------------------------------------------------------------
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -151,3 +158,56 @@ class PatchCore(Detector):
         self.backbone_ = restore_backbone(self.backbone, self.layers, tensors)
         self.memory_bank_ = np.ascontiguousarray(tensors["memory_bank"].numpy(), dtype=np.float32)
         self.index_ = NearestNeighbors(self.memory_bank_)
+
+
+def anomaly_maps(patch_scores: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
+    """(B, 1, h, w) patch scores -> (B, size, size) maps: bilinear upsampling, Gaussian blur."""
+    return gaussian_blur(resize_maps(patch_scores, (size, size)), sigma)[:, 0]
+
+
+def reweighting(test_patches: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """Eq. 7: 1 - exp(d(m_test, m*)) / sum over the k bank neighbours m of m* of exp(d(m_test, m)).
+
+    `test_patches` (B, D); `support` (B, k, D): m* (first) and its neighbours in the bank. A test
+    patch whose nearest bank patch sits in a dense part of the bank is down-weighted, one near an
+    isolated bank patch keeps its score.
+    """
+    distances = torch.linalg.vector_norm(support - test_patches[:, None, :], dim=-1)
+    weights = torch.exp(distances - distances.amax(dim=1, keepdim=True))
+    return 1.0 - weights[:, 0] / weights.sum(dim=1)
+
+
+class PatchCoreGraph(nn.Module):
+    """A fitted PatchCore as one traceable module: pixels (B, 3, S, S) in [0, 1] -> image scores
+    (B,) and anomaly maps (B, S, S), the bank search done by `nearest_by_matmul`."""
+
+    def __init__(self, model: PatchCore) -> None:
+        super().__init__()
+        self.backbone = model.backbone_
+        self.image_size = model.image_size
+        self.sigma = model.smoothing_sigma
+        bank = torch.from_numpy(model.memory_bank_.copy())
+        self.register_buffer("bank", bank)
+        self.register_buffer("squared_norms", (bank * bank).sum(dim=1))
+        self.reweight = model.reweight and model.num_neighbors > 1
+        if self.reweight:
+            # Each bank patch's neighbours, searched a few at a time as `_reweighting` does at
+            # predict time, so FAISS takes the same exact path and breaks ties the same way.
+            support = [
+                model.index_.search(model.memory_bank_[start : start + 16], model.num_neighbors)[1]
+                for start in range(0, len(model.memory_bank_), 16)
+            ]
+            self.register_buffer("support", torch.from_numpy(np.concatenate(support)))
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = aggregate_patches(self.backbone(pixels))
+        count, dim, height, width = features.shape
+        patches = features.permute(0, 2, 3, 1).reshape(count, height * width, dim)
+        distances, nearest = nearest_by_matmul(patches, self.bank, self.squared_norms)
+        scores, best = distances.max(dim=1)
+        if self.reweight:
+            rows = torch.arange(count)
+            support = self.bank[self.support[nearest[rows, best]]]
+            scores = scores * reweighting(patches[rows, best], support)
+        maps = anomaly_maps(distances.reshape(count, 1, height, width), self.image_size, self.sigma)
+        return scores, maps

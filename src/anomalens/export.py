@@ -1,0 +1,107 @@
+"""ONNX export: a fitted detector as one ONNX graph from pixels to image scores and anomaly maps.
+
+    anomalens export model.safetensors --format onnx -o model.onnx
+
+The graph's input `pixels` is (B, 3, S, S) float32 RGB in [0, 1]: the image resized to the
+model's input size S as `anomalens.preprocessing.resize_to_tensor` does (bilinear, antialiased);
+the backbone's normalisation is inside the graph. Its outputs are `score` (B,) and, for methods
+with maps, `anomaly_map` (B, S, S). The batch size is free. Each method supplies its graph through
+`Detector.export_module()`; methods without one raise `ExportError`.
+
+The model's config (name, parameters, thresholds, training-set size, format version) and the
+preprocessing settings travel in the ONNX metadata, so `anomalens.OnnxModel(path)` predicts
+like the torch model with no other file. Every export is run once under ONNX Runtime and checked
+against the torch model before it is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from anomalens.errors import ExportError
+from anomalens.model_io import CONFIG_KEY, model_config
+
+FORMATS = ("onnx",)
+OPSET = 18
+INPUT_NAME = "pixels"
+PREPROCESSING_KEY = "anomalens_preprocessing"
+
+
+def preprocessing_config(image_size: int) -> dict[str, Any]:
+    """What a caller must do to an image before the graph (stored in the ONNX metadata)."""
+    return {
+        "input": INPUT_NAME,
+        "layout": "NCHW",
+        "dtype": "float32",
+        "channels": "RGB",
+        "range": [0.0, 1.0],
+        "size": [image_size, image_size],
+        "resize": "bilinear, antialiased, to a square (aspect ratio not kept)",
+        "normalisation": "inside the graph",
+    }
+
+
+def export_onnx(detector: Any, path: str | Path, opset: int = OPSET) -> Path:
+    """Write a fitted detector as one ONNX file (weights inside) and check it against torch."""
+    detector._check_fitted()
+    path = Path(path)
+    module = detector.export_module().eval()
+    size = detector.image_size
+    example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    outputs = ["score", "anomaly_map"] if detector.produces_maps else ["score"]
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    try:
+        # The exporter reports its steps on stdout and warns about internals: keep both quiet.
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module,
+                (example,),
+                input_names=[INPUT_NAME],
+                output_names=outputs,
+                dynamic_shapes=({0: batch},),
+                opset_version=opset,
+                dynamo=True,
+            )
+    except Exception as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ExportError(f"exporting {detector.name} to ONNX failed: {first}") from error
+    metadata = program.model.metadata_props
+    metadata[CONFIG_KEY] = json.dumps(model_config(detector))
+    metadata[PREPROCESSING_KEY] = json.dumps(preprocessing_config(size))
+    program.model.doc_string = (
+        f"anomalens {detector.name}: {INPUT_NAME} (B, 3, {size}, {size}) RGB in [0, 1] -> "
+        + ", ".join(outputs)
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(path, external_data=False)
+    try:
+        _check_against_torch(detector, path, example)
+    except ExportError:
+        path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _check_against_torch(detector: Any, path: Path, pixels: torch.Tensor) -> None:
+    """Raise `ExportError` unless ONNX Runtime reproduces the torch model on `pixels`."""
+    from anomalens.runtime import OnnxModel
+
+    scores, maps = detector.predict_batch(pixels)
+    onnx_scores, onnx_maps = OnnxModel(path).predict_batch(pixels)
+    score_error = float(np.max(np.abs(onnx_scores - scores) / np.maximum(np.abs(scores), 1e-6)))
+    map_error = 0.0 if maps is None else float(np.max(np.abs(onnx_maps - maps)))
+    map_scale = 1.0 if maps is None else max(1.0, float(np.abs(maps).max()))
+    if score_error > 1e-3 or map_error > 1e-3 * map_scale:
+        raise ExportError(
+            f"the ONNX graph of {detector.name} does not reproduce the torch model (score "
+            f"relative error {score_error:.2g}, map error {map_error:.2g}); not written"
+        )

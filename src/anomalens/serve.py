@@ -1,0 +1,422 @@
+"""HTTP inspection service: `anomalens serve MODEL` (FastAPI + uvicorn).
+
+- `POST /v1/predict[?heatmap=true]`: one or more images as multipart field `file`; per image the
+  score, verdict, threshold, normalised score (score / threshold), size and, when asked, the
+  anomaly map as a base64 RGBA PNG heatmap (colours of `anomalens.viz`, transparent where normal).
+- `GET /v1/model`: model name, parameters, thresholds, training-set size, format version.
+- `GET /healthz`; OpenAPI docs at `/docs`; an inspection web page at `/`.
+
+The model (`.safetensors` or an ONNX export) is loaded once per worker process. Inference runs on
+one dedicated thread, so requests queue for the CPU instead of fighting over it while the event
+loop stays free for health checks. Bad input is a 4xx JSON error `{"error", "detail"}`: a body
+over `max_upload_bytes` (413), not multipart or a part that is not an image (415), an empty or
+missing upload (400), bytes that do not decode or an image of more than `max_pixels` (422).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import io
+import json
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import FastAPI, File, Query, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from PIL import Image
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import anomalens
+from anomalens.data.io import decode_image
+from anomalens.errors import ImageReadError
+from anomalens.model_io import read_config
+from anomalens.viz import heatmap_rgba
+
+DEFAULT_MAX_UPLOAD_BYTES = 20_000_000
+DEFAULT_MAX_PIXELS = 25_000_000
+DEFAULT_MAX_FILES = 16
+HEATMAP_MAX_SIDE = 1024
+SETTINGS_ENV = "ANOMALENS_SERVE_SETTINGS"
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What `create_app` serves and the limits it enforces on uploads."""
+
+    model: str
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_files: int = DEFAULT_MAX_FILES
+
+
+class ServiceError(Exception):
+    """A request the service refuses: HTTP `status`, a short `code` and a one-line `detail`."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+
+
+# ---- response schemas (OpenAPI) ---------------------------------------------------------------
+class ImageResult(BaseModel):
+    filename: str
+    score: float = Field(description="Anomaly score; higher = more anomalous.")
+    label: str = Field(description='"anomalous" when score > threshold, else "normal".')
+    anomalous: bool
+    threshold: float = Field(description="The model's image threshold.")
+    normalized_score: float | None = Field(
+        description="score / threshold: above 1 is anomalous (null if the threshold is <= 0)."
+    )
+    width: int
+    height: int
+    heatmap_png: str | None = Field(
+        None,
+        description="With ?heatmap=true: base64 RGBA PNG of the anomaly map at the image's "
+        f"aspect ratio (longest side at most {HEATMAP_MAX_SIDE}), transparent where normal.",
+    )
+
+
+class PredictResponse(BaseModel):
+    model_id: str
+    results: list[ImageResult]
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    detail: str
+
+
+class Health(BaseModel):
+    status: str
+    model_id: str
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in {
+        400: "empty or missing upload, malformed multipart body",
+        413: "request body over the size limit, or too many files",
+        415: "not multipart/form-data, or a part that is not an image",
+        422: "not a decodable image, or more pixels than the limit",
+    }.items()
+}
+
+
+# ---- the model ------------------------------------------------------------------------------
+class Service:
+    """The loaded model, its description and the single inference thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        path = Path(settings.model)
+        self.settings = settings
+        self.config = read_config(path)
+        self.detector = anomalens.load(path)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        self.model_id = f"{self.config['model']}-{digest}"
+        self.runtime = "onnxruntime" if path.suffix.lower() == ".onnx" else "torch"
+        self.filename = path.name
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="anomalens-inference")
+
+    def describe(self) -> dict[str, Any]:
+        fitted = self.config["fitted"]
+        return {
+            "model_id": self.model_id,
+            "model": self.config["model"],
+            "file": self.filename,
+            "runtime": self.runtime,
+            "format": self.config["format"],
+            "format_version": self.config["format_version"],
+            "anomalens_version": self.config.get("anomalens_version"),
+            "params": self.config["params"],
+            "image_size": self.detector.image_size,
+            "produces_maps": self.detector.produces_maps,
+            "thresholds": {
+                "image": self.detector.image_threshold_,
+                "pixel": self.detector.pixel_threshold_,
+                "source": fitted["threshold_source"],
+            },
+            "n_train_images": fitted["n_train_images"],
+            "n_validation_images": fitted["n_validation_images"],
+            "limits": {
+                "max_upload_bytes": self.settings.max_upload_bytes,
+                "max_pixels": self.settings.max_pixels,
+                "max_files": self.settings.max_files,
+            },
+        }
+
+    async def predict(self, arrays: list[np.ndarray]) -> list[anomalens.Prediction]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self.detector.predict, arrays)
+
+    def result(
+        self, name: str, image: np.ndarray, prediction: anomalens.Prediction, heatmap: bool
+    ) -> ImageResult:
+        threshold = float(self.detector.image_threshold_)
+        png = None
+        if heatmap and prediction.anomaly_map is not None:
+            png = _heatmap_png(prediction.anomaly_map, self.detector.pixel_threshold_)
+        return ImageResult(
+            filename=name,
+            score=prediction.score,
+            label="anomalous" if prediction.label else "normal",
+            anomalous=prediction.label,
+            threshold=threshold,
+            normalized_score=prediction.score / threshold if threshold > 0 else None,
+            width=image.shape[1],
+            height=image.shape[0],
+            heatmap_png=png,
+        )
+
+
+def _heatmap_png(anomaly_map: np.ndarray, threshold: float) -> str:
+    """Base64 PNG of the map's heatmap, shrunk first to at most `HEATMAP_MAX_SIDE` a side."""
+    height, width = anomaly_map.shape
+    scale = HEATMAP_MAX_SIDE / max(height, width)
+    if scale < 1:
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        resized = Image.fromarray(anomaly_map).resize(size, Image.Resampling.BILINEAR)
+        anomaly_map = np.asarray(resized)
+    buffer = io.BytesIO()
+    Image.fromarray(heatmap_rgba(anomaly_map, threshold)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _decode_all(parts: list[tuple[str, bytes]], max_pixels: int) -> list[np.ndarray]:
+    """Decode every upload; each image may have `max_pixels`, the request 4 x `max_pixels`."""
+    arrays, total = [], 0
+    for name, data in parts:
+        arrays.append(decode_image(data, name, max_pixels))
+        total += arrays[-1].shape[0] * arrays[-1].shape[1]
+        if total > 4 * max_pixels:
+            raise ImageReadError(
+                f"{name}: the request's images have more than {4 * max_pixels} pixels in all"
+            )
+    return arrays
+
+
+def _check_part(upload: UploadFile, data: bytes) -> str:
+    name = upload.filename or "upload"
+    kind = (upload.content_type or "").split(";")[0].strip().lower()
+    if kind and not kind.startswith("image/") and kind != "application/octet-stream":
+        raise ServiceError(
+            415, "unsupported_media_type", f"{name}: content type {kind!r} is not an image"
+        )
+    if not data:
+        raise ServiceError(400, "empty_upload", f"{name}: the upload is empty")
+    return name
+
+
+# ---- limits on the raw request ----------------------------------------------------------------
+class UploadLimits:
+    """ASGI middleware for POST /v1/predict: the body must be multipart and at most `max_bytes`
+    (by Content-Length, and counted as it streams in for chunked uploads)."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/v1/predict":
+            await self.app(scope, receive, send)
+            return
+        headers = {
+            key.decode("latin-1").lower(): v.decode("latin-1") for key, v in scope["headers"]
+        }
+        kind = headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "multipart/form-data":
+            shown = kind or "no content type"
+            message = f"send the images as multipart/form-data (field 'file'), not {shown}"
+            await self._refuse(receive, send, ServiceError(415, "unsupported_media_type", message))
+            return
+        too_large = ServiceError(
+            413, "too_large", f"the request body exceeds the limit of {self.max_bytes} bytes"
+        )
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await self._refuse(receive, send, too_large)
+            return
+        state = {"received": 0, "over": False, "started": False, "complete": False}
+
+        async def counted() -> Message:
+            if state["over"]:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            state["received"] += len(message.get("body", b""))
+            state["complete"] = not message.get("more_body", False)
+            if state["received"] > self.max_bytes:
+                state["over"] = True
+                return {"type": "http.disconnect"}
+            return message
+
+        async def guarded(message: Message) -> None:
+            if not state["over"]:
+                state["started"] = True
+                await send(message)
+
+        try:
+            await self.app(scope, counted, guarded)
+        except Exception:
+            if not state["over"]:
+                raise
+        if state["over"] and not state["started"]:
+            await self._refuse(receive, send, too_large, drain=not state["complete"])
+
+    async def _refuse(
+        self, receive: Receive, send: Send, error: ServiceError, drain: bool = True
+    ) -> None:
+        """Read and drop the rest of the body (at most 4 x the limit, for at most 10 s, so that
+        the client gets to read the answer), then answer with `error`."""
+        budget = 4 * self.max_bytes
+        more = drain
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10):
+                while more and budget > 0:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        break
+                    budget -= len(message.get("body", b""))
+                    more = message.get("more_body", False)
+        response = _error_response(error)
+        await response({"type": "http"}, receive, send)
+
+
+def _error_response(error: ServiceError) -> JSONResponse:
+    return JSONResponse({"error": error.code, "detail": error.detail}, status_code=error.status)
+
+
+# ---- the application ----------------------------------------------------------------------------
+def create_app(settings: Settings) -> FastAPI:
+    """The FastAPI application serving `settings.model` (loaded here, once)."""
+    service = Service(settings)
+    page_html = resources.files("anomalens").joinpath("static/index.html").read_text("utf-8")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        service.executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(
+        title="anomalens inspection service",
+        version=anomalens.__version__,
+        description=f"Anomaly detection with the {service.config['model']} model "
+        f"{service.model_id}. Upload images to `/v1/predict`; the web page is at `/`.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.add_middleware(UploadLimits, max_bytes=settings.max_upload_bytes)
+
+    @app.exception_handler(ServiceError)
+    async def service_error(_: Any, error: ServiceError) -> JSONResponse:
+        return _error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Any, error: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in item.get('loc', ()))}: {item.get('msg', '')}"
+            for item in error.errors()
+        )
+        if any(item.get("loc", ())[-1:] == ("file",) for item in error.errors()):
+            return _error_response(
+                ServiceError(400, "no_image", "no image: send one or more files in field 'file'")
+            )
+        return _error_response(ServiceError(422, "invalid_request", problems))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Any, error: StarletteHTTPException) -> JSONResponse:
+        return _error_response(ServiceError(error.status_code, "http_error", str(error.detail)))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Any, error: Exception) -> JSONResponse:
+        detail = f"internal error ({type(error).__name__}); see the server log"
+        return _error_response(ServiceError(500, "internal_error", detail))
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(page_html)
+
+    @app.get("/healthz", response_model=Health)
+    async def healthz() -> Health:
+        """Liveness: answers while inference is busy."""
+        return Health(status="ok", model_id=service.model_id)
+
+    @app.get("/v1/model")
+    async def model_info() -> dict[str, Any]:
+        """Model name, parameters, thresholds, training-set size, format version, limits."""
+        return service.describe()
+
+    @app.post("/v1/predict", response_model=PredictResponse, responses=ERRORS)
+    async def predict(
+        file: Annotated[list[UploadFile], File(description="One or more image files.")],
+        heatmap: Annotated[
+            bool, Query(description="Include the anomaly map as a base64 PNG heatmap.")
+        ] = False,
+    ) -> PredictResponse:
+        """Score images: verdict, score against the threshold, optional heatmap."""
+        if len(file) > settings.max_files:
+            raise ServiceError(
+                413, "too_many_files", f"{len(file)} files; at most {settings.max_files}"
+            )
+        parts = []
+        for upload in file:
+            data = await upload.read()
+            parts.append((_check_part(upload, data), data))
+        try:
+            arrays = await run_in_threadpool(_decode_all, parts, settings.max_pixels)
+        except ImageReadError as error:
+            raise ServiceError(422, "unreadable_image", str(error)) from error
+        predictions = await service.predict(arrays)
+        results = await run_in_threadpool(
+            lambda: [
+                service.result(name, image, prediction, heatmap)
+                for (name, _), image, prediction in zip(parts, arrays, predictions, strict=True)
+            ]
+        )
+        return PredictResponse(model_id=service.model_id, results=results)
+
+    return app
+
+
+def app_from_environment() -> FastAPI:
+    """uvicorn factory for `serve` (each worker process builds its app from the settings)."""
+    return create_app(Settings(**json.loads(os.environ[SETTINGS_ENV])))
+
+
+def serve(
+    model: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: int = 1,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> None:
+    """Run the service with uvicorn until interrupted."""
+    import uvicorn
+
+    settings = Settings(str(Path(model).resolve()), max_upload_bytes, max_pixels)
+    read_config(settings.model)  # a bad model file fails here, with one line, before uvicorn
+    os.environ[SETTINGS_ENV] = json.dumps(settings.__dict__)
+    uvicorn.run(
+        "anomalens.serve:app_from_environment",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+    )

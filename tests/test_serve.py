@@ -1,0 +1,357 @@
+"""The inspection service over real HTTP: uvicorn on 127.0.0.1 and httpx, every kind of bad
+input, health checks while inference is busy, the web page in Debian's Chromium (Playwright),
+and `anomalens serve` as a command with two workers."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from PIL import Image
+
+import anomalens
+from anomalens.data.mvtec import test_samples
+from anomalens.serve import Settings, create_app
+
+CHROMIUM = Path("/usr/bin/chromium")
+MAX_UPLOAD = 2_000_000
+MAX_PIXELS = 1_000_000
+MAX_FILES = 8
+
+
+@pytest.fixture(scope="module")
+def server(patchcore_files) -> Iterator[str]:
+    """The service for the exported model, run by uvicorn in a thread on a free loopback port."""
+    _, onnx_file = patchcore_files
+    settings = Settings(str(onnx_file), MAX_UPLOAD, MAX_PIXELS, MAX_FILES)
+    app = create_app(settings)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    runner = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=runner.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not runner.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    runner.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+def png_bytes(image: np.ndarray | Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims `width` x `height` pixels (a decompression bomb's header)."""
+    data = bytearray(png_bytes(Image.new("L", (8, 8))))
+    struct.pack_into(">II", data, 16, width, height)  # IHDR data starts at byte 16
+    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+@pytest.fixture(scope="module")
+def ranked(brick: Path, patchcore_files) -> list[tuple[float, Path]]:
+    """Test images of the synthetic category by the exported model's score, lowest first."""
+    samples = test_samples(brick)
+    model = anomalens.OnnxModel(patchcore_files[1])
+    scores = model.decision_function([s.path for s in samples])
+    return sorted(zip(scores.tolist(), [s.path for s in samples], strict=True))
+
+
+def test_health_model_docs_and_page(server, patchcore_files) -> None:
+    model = anomalens.load(patchcore_files[0])
+    with httpx.Client(base_url=server, timeout=30) as client:
+        health = client.get("/healthz").json()
+        assert health["status"] == "ok" and health["model_id"].startswith("patchcore-")
+        info = client.get("/v1/model").json()
+        assert info["model_id"] == health["model_id"] and info["runtime"] == "onnxruntime"
+        assert info["model"] == "patchcore" and info["format_version"] == 1
+        assert info["thresholds"]["image"] == model.image_threshold_
+        assert info["thresholds"]["pixel"] == model.pixel_threshold_
+        assert info["n_train_images"] == 14 and info["params"]["coreset_ratio"] == 0.25
+        assert info["limits"]["max_upload_bytes"] == MAX_UPLOAD
+        schema = client.get("/openapi.json").json()
+        assert {"/v1/predict", "/v1/model", "/healthz"} <= set(schema["paths"])
+        assert client.get("/docs").status_code == 200
+        page = client.get("/")
+        assert page.status_code == 200 and 'id="file"' in page.text and "/v1/predict" in page.text
+
+
+def test_predict_several_images_with_heatmaps(server, ranked, patchcore_files) -> None:
+    (_, normal), (_, defect) = ranked[0], ranked[-1]
+    wide = np.asarray(Image.open(defect).convert("RGB").resize((200, 120)))
+    files = [
+        ("file", ("defect.png", defect.read_bytes(), "image/png")),
+        ("file", ("normal.png", normal.read_bytes(), "image/png")),
+        ("file", ("wide.png", png_bytes(wide), "application/octet-stream")),
+    ]
+    with httpx.Client(base_url=server, timeout=60) as client:
+        body = client.post("/v1/predict", params={"heatmap": "true"}, files=files).json()
+        plain = client.post("/v1/predict", files=files[:1]).json()
+    model = anomalens.OnnxModel(patchcore_files[1])
+    expected = model.predict([defect, normal, wide])
+    results = body["results"]
+    assert [r["filename"] for r in results] == ["defect.png", "normal.png", "wide.png"]
+    for result, prediction in zip(results, expected, strict=True):
+        assert result["score"] == pytest.approx(prediction.score, rel=1e-6)
+        assert result["anomalous"] == prediction.label
+        assert result["label"] == ("anomalous" if prediction.label else "normal")
+        assert result["threshold"] == model.image_threshold_
+        assert result["normalized_score"] == pytest.approx(result["score"] / result["threshold"])
+        heatmap = Image.open(io.BytesIO(base64.b64decode(result["heatmap_png"])))
+        assert heatmap.mode == "RGBA" and heatmap.size == (result["width"], result["height"])
+    assert results[0]["label"] == "anomalous" and results[1]["score"] < results[0]["score"]
+    assert (results[2]["width"], results[2]["height"]) == (200, 120)
+    # the heatmap is opaque where the map is high: its peak lies where the anomaly map peaks
+    alpha = np.asarray(Image.open(io.BytesIO(base64.b64decode(results[0]["heatmap_png"]))))[..., 3]
+    peak = np.unravel_index(np.argmax(expected[0].anomaly_map), alpha.shape)
+    assert alpha[peak] == alpha.max() > 0
+    assert plain["results"][0]["heatmap_png"] is None
+    assert plain["results"][0]["score"] == results[0]["score"]
+
+
+def _multipart_stream(size: int) -> Iterator[bytes]:
+    yield b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n'
+    yield b"Content-Type: image/png\r\n\r\n"
+    for _ in range(size // 65536):
+        yield b"\x00" * 65536
+    yield b"\r\n--XyZ--\r\n"
+
+
+def bad_requests(brick: Path) -> dict[str, tuple[dict, int, str, str]]:
+    """name -> (httpx request arguments, status, error code, text in the detail)."""
+    good = (brick / "train" / "good" / "000.png").read_bytes()
+    bomb = png_bytes(Image.new("L", (1500, 1500), 128))  # 2.25 M pixels in a few kB
+    return {
+        "non-image bytes": (
+            {"files": {"file": ("notes.png", b"just some text, no picture " * 20, "image/png")}},
+            422,
+            "unreadable_image",
+            "notes.png: not a supported image file",
+        ),
+        "truncated png": (
+            {"files": {"file": ("cut.png", good[: len(good) // 2], "image/png")}},
+            422,
+            "unreadable_image",
+            "cut.png: image file is truncated",
+        ),
+        "decompression bomb": (
+            {"files": {"file": ("bomb.png", bomb, "image/png")}},
+            422,
+            "unreadable_image",
+            "decompression bomb",
+        ),
+        "bomb header": (
+            {"files": {"file": ("huge.png", png_claiming_size(100_000, 100_000), "image/png")}},
+            422,
+            "unreadable_image",
+            "huge.png",
+        ),
+        "empty upload": (
+            {"files": {"file": ("empty.png", b"", "image/png")}},
+            400,
+            "empty_upload",
+            "empty.png: the upload is empty",
+        ),
+        "over the size limit": (
+            {"files": {"file": ("big.png", os.urandom(MAX_UPLOAD + 1000), "image/png")}},
+            413,
+            "too_large",
+            f"limit of {MAX_UPLOAD} bytes",
+        ),
+        "over the size limit, chunked": (
+            {
+                "content": _multipart_stream(MAX_UPLOAD + 200_000),
+                "headers": {"content-type": "multipart/form-data; boundary=XyZ"},
+            },
+            413,
+            "too_large",
+            f"limit of {MAX_UPLOAD} bytes",
+        ),
+        "json body": (
+            {"json": {"image": "x"}},
+            415,
+            "unsupported_media_type",
+            "multipart/form-data",
+        ),
+        "text part": (
+            {"files": {"file": ("notes.txt", b"hello", "text/plain")}},
+            415,
+            "unsupported_media_type",
+            "'text/plain' is not an image",
+        ),
+        "no file field": (
+            {"files": {"picture": ("a.png", good, "image/png")}},
+            400,
+            "no_image",
+            "field 'file'",
+        ),
+        "too many files": (
+            {"files": [("file", (f"{i}.png", good, "image/png")) for i in range(MAX_FILES + 1)]},
+            413,
+            "too_many_files",
+            f"at most {MAX_FILES}",
+        ),
+    }
+
+
+BAD_INPUTS = (
+    "non-image bytes",
+    "truncated png",
+    "decompression bomb",
+    "bomb header",
+    "empty upload",
+    "over the size limit",
+    "over the size limit, chunked",
+    "json body",
+    "text part",
+    "no file field",
+    "too many files",
+)
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_a_clear_4xx_json_error(server, brick, case: str) -> None:
+    cases = bad_requests(brick)
+    assert set(cases) == set(BAD_INPUTS)
+    arguments, status, code, text = cases[case]
+    with httpx.Client(base_url=server, timeout=60) as client:
+        response = client.post("/v1/predict", **arguments)
+        assert response.status_code == status, response.text
+        body = response.json()
+        assert body["error"] == code and text in body["detail"]
+        assert client.get("/healthz").status_code == 200
+
+
+def test_health_answers_while_inference_is_busy(server, brick) -> None:
+    picture = Image.open(brick / "test" / "hole" / "000.png").convert("RGB").resize((700, 700))
+    buffer = io.BytesIO()
+    picture.save(buffer, "JPEG", quality=90)
+    big = buffer.getvalue()  # 8 of them stay under the test server's byte and pixel limits
+    files = [("file", (f"{i}.jpg", big, "image/jpeg")) for i in range(MAX_FILES)]
+
+    def predict() -> tuple[int, float]:
+        started = time.perf_counter()
+        response = httpx.post(f"{server}/v1/predict", files=files, timeout=120)
+        return response.status_code, time.perf_counter() - started
+
+    with ThreadPoolExecutor(4) as pool:
+        busy = [pool.submit(predict) for _ in range(4)]
+        time.sleep(0.1)
+        latencies = []
+        while not all(future.done() for future in busy):
+            started = time.perf_counter()
+            assert httpx.get(f"{server}/healthz", timeout=30).status_code == 200
+            latencies.append(time.perf_counter() - started)
+            time.sleep(0.05)
+        outcomes = [future.result() for future in busy]
+    assert [status for status, _ in outcomes] == [200] * 4
+    slowest = max(duration for _, duration in outcomes)
+    assert latencies, "inference finished before any health check"
+    assert max(latencies) < 0.25 * slowest, (latencies, outcomes)
+
+
+def test_web_page_shows_verdict_and_heatmap(server, ranked, tmp_path) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    if not CHROMIUM.exists():
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
+    (_, normal), (_, defect) = ranked[0], ranked[-1]
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not a picture")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        try:
+            page = browser.new_page()
+            page.goto(server)
+            sync_api.expect(page.locator("#model")).to_contain_text("patchcore")
+            page.set_input_files("#file", str(defect))
+            sync_api.expect(page.locator("#verdict")).to_have_text("ANOMALOUS", timeout=30_000)
+            page.wait_for_function("document.getElementById('heatmap').naturalWidth > 0")
+            assert page.get_attribute("#heatmap", "src").startswith("data:image/png;base64,")
+            box, heat = (
+                page.locator("#image").bounding_box(),
+                page.locator("#heatmap").bounding_box(),
+            )
+            assert box == heat, "the heatmap must lie exactly over the image"
+            page.fill("#opacity", "25")
+            assert page.eval_on_selector("#heatmap", "e => e.style.opacity") == "0.25"
+            assert float(page.text_content("#score")) > float(page.text_content("#threshold"))
+            page.set_input_files("#file", str(normal))
+            sync_api.expect(page.locator("#history li")).to_have_count(2, timeout=30_000)
+            sync_api.expect(page.locator("#filename")).to_contain_text(normal.name)
+            page.set_input_files("#file", str(not_an_image))
+            sync_api.expect(page.locator("#error")).to_contain_text("not a supported image")
+            page.locator("#history li").nth(1).click()
+            sync_api.expect(page.locator("#verdict")).to_have_text("ANOMALOUS")
+            page.screenshot(path=str(tmp_path / "page.png"))
+        finally:
+            browser.close()
+
+
+def test_serve_command_with_two_workers(patchcore_files, brick) -> None:
+    model_file, _ = patchcore_files
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    source = str(Path(anomalens.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([source, os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-c", "from anomalens.cli import main; main()", "serve"]
+    args = [str(model_file), "--port", str(port), "--workers", "2"]
+    process = subprocess.Popen(command + args, env=env, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stderr.read()
+            try:
+                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "anomalens serve did not come up"
+            time.sleep(0.3)
+        assert httpx.get(f"{url}/v1/model", timeout=30).json()["runtime"] == "torch"
+        image = (brick / "test" / "good" / "000.png").read_bytes()
+        files = {"file": ("good.png", image, "image/png")}
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(
+                pool.map(
+                    lambda _: httpx.post(f"{url}/v1/predict", files=files, timeout=120), range(4)
+                )
+            )
+        assert [a.status_code for a in answers] == [200] * 4
+        assert len({a.json()["results"][0]["score"] for a in answers}) == 1
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
