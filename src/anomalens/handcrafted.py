@@ -106,18 +106,17 @@ def _pixel_features(images: torch.Tensor) -> torch.Tensor:
 
 
 def _window_statistics(pixels: torch.Tensor, stride: int) -> torch.Tensor:
-    """Average the per-pixel features over windows of side 2 * stride every stride pixels and
-    turn the averages into the 25 descriptor channels."""
+    """Average the per-pixel features over windows of side 2 * stride every stride pixels
+    (ceil(H / stride) x ceil(W / stride) of them, like a CNN stage with "same" padding) and turn
+    the averages into the 25 descriptor channels."""
     means = F.avg_pool2d(
         pixels,
         2 * stride,
         stride=stride,
         padding=stride // 2,
-        ceil_mode=False,
+        ceil_mode=True,
         count_include_pad=False,
     )
-    height, width = (math.ceil(size / stride) for size in pixels.shape[-2:])
-    means = means[..., :height, :width]
     colour = means[:, 0:3]
     spread = (means[:, 3:6] - colour * colour).clamp_min(0.0).sqrt()
     lbp = means[:, 6 : 6 + LBP_CODES].clamp_min(0.0).sqrt()
