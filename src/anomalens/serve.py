@@ -6,11 +6,14 @@
 - `GET /v1/model`: model name, parameters, thresholds, training-set size, format version.
 - `GET /healthz`; OpenAPI docs at `/docs`; an inspection web page at `/`.
 
-The model (`.safetensors` or an ONNX export) is loaded once per worker process. Inference runs on
-one dedicated thread, so requests queue for the CPU instead of fighting over it while the event
-loop stays free for health checks. Bad input is a 4xx JSON error `{"error", "detail"}`: a body
-over `max_upload_bytes` (413), not multipart or a part that is not an image (415), an empty or
-missing upload (400), bytes that do not decode or an image of more than `max_pixels` (422).
+The model (`.safetensors` or an ONNX export) is loaded once per worker process. Decoding, inference
+and heatmaps run on one dedicated thread, so requests queue for the CPU instead of fighting over it
+while the event loop stays free for health checks.
+
+Bad input is a 4xx JSON error `{"error", "detail"}`: a body over `max_upload_bytes` or more than
+`max_files` files (413), not multipart or a part that is not an image (415), an empty or missing
+upload (400), bytes that do not decode or an image of more than `max_pixels` (422; a request's
+images together may have 4 x `max_pixels`).
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 from pydantic import BaseModel, Field
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import anomalens
@@ -162,9 +164,22 @@ class Service:
             },
         }
 
-    async def predict(self, arrays: list[np.ndarray]) -> list[anomalens.Prediction]:
+    async def inspect(self, parts: list[tuple[str, bytes]], heatmap: bool) -> list[ImageResult]:
+        """Decode, score and describe the uploads on the inference thread (one hop off the event
+        loop and back: on a busy machine every thread hand-over costs a scheduling delay)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self.detector.predict, arrays)
+        return await loop.run_in_executor(self.executor, self._inspect, parts, heatmap)
+
+    def _inspect(self, parts: list[tuple[str, bytes]], heatmap: bool) -> list[ImageResult]:
+        try:
+            arrays = _decode_all(parts, self.settings.max_pixels)
+        except ImageReadError as error:
+            raise ServiceError(422, "unreadable_image", str(error)) from error
+        predictions = self.detector.predict(arrays)
+        return [
+            self.result(name, image, prediction, heatmap)
+            for (name, _), image, prediction in zip(parts, arrays, predictions, strict=True)
+        ]
 
     def result(
         self, name: str, image: np.ndarray, prediction: anomalens.Prediction, heatmap: bool
@@ -378,17 +393,7 @@ def create_app(settings: Settings) -> FastAPI:
         for upload in file:
             data = await upload.read()
             parts.append((_check_part(upload, data), data))
-        try:
-            arrays = await run_in_threadpool(_decode_all, parts, settings.max_pixels)
-        except ImageReadError as error:
-            raise ServiceError(422, "unreadable_image", str(error)) from error
-        predictions = await service.predict(arrays)
-        results = await run_in_threadpool(
-            lambda: [
-                service.result(name, image, prediction, heatmap)
-                for (name, _), image, prediction in zip(parts, arrays, predictions, strict=True)
-            ]
-        )
+        results = await service.inspect(parts, heatmap)
         return PredictResponse(model_id=service.model_id, results=results)
 
     return app
