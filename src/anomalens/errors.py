@@ -23,3 +23,7 @@ class WeightsError(AnomalensError, RuntimeError):
 
 class NotFittedError(AnomalensError, RuntimeError):
     """A detector was used before `fit` (or `load`)."""
+
+
+class ParameterError(AnomalensError, ValueError):
+    """A detector parameter has a value outside what it accepts."""
