@@ -73,7 +73,7 @@ class VariationalAutoencoder(nn.Module):
 
 @register
 class VAE(TrainedDetector):
-    """Variational autoencoder; score = negative ELBO, its reconstruction term or the residual map."""
+    """Variational autoencoder; score = negative ELBO, its reconstruction term or residual map."""
 
     name = "vae"
 
