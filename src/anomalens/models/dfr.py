@@ -39,16 +39,22 @@ from anomalens.training import optimizer_step
 
 
 def feature_autoencoder(channels: int, latent: int) -> nn.Sequential:
-    """DFR's 1x1 convolutional autoencoder: C -> (C+2d)/2 -> 2d -> d -> 2d -> (C+2d)/2 -> C."""
+    """DFR's 1x1 convolutional autoencoder, C -> (C+2d)/2 -> 2d -> d -> 2d -> (C+2d)/2 -> C, as
+    linear layers over single feature vectors (a 1x1 convolution is one per position)."""
     hidden = (channels + 2 * latent) // 2
     widths = [channels, hidden, 2 * latent, latent, 2 * latent, hidden, channels]
     layers: list[nn.Module] = []
     for i, (cin, cout) in enumerate(pairwise(widths)):
         last = i == len(widths) - 2
-        layers.append(nn.Conv2d(cin, cout, 1, bias=last))
+        layers.append(nn.Linear(cin, cout, bias=last))
         if not last:
-            layers += [nn.BatchNorm2d(cout), nn.ReLU()]
+            layers += [nn.BatchNorm1d(cout), nn.ReLU()]
     return nn.Sequential(*layers)
+
+
+def vector_batch_size(count: int) -> int:
+    """Mini-batches of up to 1024 feature vectors, but at least 32 of them per epoch."""
+    return max(16, min(1024, count // 32))
 
 
 def pca_components(features: torch.Tensor, variance: float) -> int:
@@ -75,7 +81,7 @@ class DFR(TrainedDetector):
         smoothing_sigma: float = 4.0,
         image_score: str = "max",
         top_k: float = 0.01,
-        max_epochs: int = 100,
+        max_epochs: int = 30,
         time_budget_s: float | None = 300.0,
         patience: int = 5,
         learning_rate: float = 1e-3,
@@ -163,7 +169,7 @@ class DFR(TrainedDetector):
         if self.latent_channels is None:
             generator = torch.Generator().manual_seed(self.seed)
             vectors = features.permute(0, 2, 3, 1).reshape(-1, channels)
-            sample = vectors[torch.randperm(len(vectors), generator=generator)[:50_000]]
+            sample = vectors[torch.randperm(len(vectors), generator=generator)[:20_000]]
             self.latent_channels_ = pca_components(sample.float(), self.latent_variance)
         elif int(self.latent_channels) < 1:
             raise ParameterError(f"latent_channels must be positive, got {self.latent_channels}")
@@ -176,14 +182,22 @@ class DFR(TrainedDetector):
             batch = batch.float()
             return ((self.network_(batch) - batch) ** 2).mean()
 
+        vectors = features.permute(0, 2, 3, 1).reshape(-1, channels)
         self._train(
-            "feature autoencoder", optimizer_step(loss, optimizer), features, [self.network_]
+            "feature autoencoder",
+            optimizer_step(loss, optimizer),
+            vectors,
+            [self.network_],
+            batch_size=vector_batch_size(len(vectors)),
         )
 
     # ---- score -------------------------------------------------------------------------------
     def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         features = self._standardise(self._features(pixels))
-        errors = ((self.network_(features) - features) ** 2).mean(dim=1, keepdim=True)
+        count, channels, height, width = features.shape
+        vectors = features.permute(0, 2, 3, 1).reshape(-1, channels)
+        errors = ((self.network_(vectors) - vectors) ** 2).mean(dim=1)
+        errors = errors.view(count, 1, height, width)
         maps = anomaly_maps(errors, self.image_size, self.smoothing_sigma)
         return image_scores(maps, self.image_score, self.top_k), maps.numpy()
 

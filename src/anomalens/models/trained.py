@@ -43,6 +43,7 @@ class TrainedDetector(Detector):
         time_budget_s: float | None = None,
         augment: Any = None,
         patience: int | None = None,
+        batch_size: int | None = None,
     ) -> TrainingHistory:
         """Run `anomalens.training.train` with this detector's settings; record the summary."""
         history = train(
@@ -51,7 +52,7 @@ class TrainedDetector(Detector):
             modules=modules,
             max_epochs=int(max_epochs or self.max_epochs),
             time_budget_s=time_budget_s if time_budget_s is not None else self.time_budget_s,
-            batch_size=self.batch_size,
+            batch_size=batch_size or self.batch_size,
             patience=self.patience if patience is None else patience,
             seed=self.seed,
             augment=augment,
