@@ -34,18 +34,14 @@ def check_positive(field: str, value: float) -> None:
 
 def ssim(x: torch.Tensor, y: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
     """Per-pixel SSIM (B, 1, H, W) of two (B, C, H, W) images in [0, 1], averaged over channels."""
-    count, channels, height, width = x.shape
-    x = x.reshape(count * channels, 1, height, width)
-    y = y.reshape(count * channels, 1, height, width)
     c1, c2 = 0.01**2, 0.03**2
-    mu_x, mu_y = gaussian_blur(x, sigma), gaussian_blur(y, sigma)
-    var_x = gaussian_blur(x * x, sigma) - mu_x**2
-    var_y = gaussian_blur(y * y, sigma) - mu_y**2
-    cov = gaussian_blur(x * y, sigma) - mu_x * mu_y
+    moments = gaussian_blur(torch.cat([x, y, x * x, y * y, x * y], dim=1), sigma)
+    mu_x, mu_y, xx, yy, xy = moments.chunk(5, dim=1)
+    var_x, var_y, cov = xx - mu_x**2, yy - mu_y**2, xy - mu_x * mu_y
     value = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
         (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
     )
-    return value.reshape(count, channels, height, width).mean(dim=1, keepdim=True)
+    return value.mean(dim=1, keepdim=True)
 
 
 def residual_map(images: torch.Tensor, reconstructions: torch.Tensor, kind: str) -> torch.Tensor:
