@@ -12,6 +12,7 @@ defect segmentation by applying structural similarity to autoencoders", VISAPP 2
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -52,8 +53,8 @@ class Autoencoder(TrainedDetector):
         image_score: str = "max",
         top_k: float = 0.01,
         augment: str = "shift,brightness",
-        max_epochs: int = 150,
-        time_budget_s: float | None = 300.0,
+        max_epochs: int = 100,
+        time_budget_s: float | None = 420.0,
         patience: int = 10,
         learning_rate: float = 1e-3,
         *,
@@ -95,7 +96,7 @@ class Autoencoder(TrainedDetector):
         )
 
     def _fit(self, images: list[ImageLike]) -> None:
-        self._check_training_params()
+        self._start_training()
         self.network_ = self._build()
         augment = make_augmentation(self.augment)
         data = load_resized(images, self.image_size)
@@ -108,7 +109,7 @@ class Autoencoder(TrainedDetector):
             "autoencoder", optimizer_step(loss, optimizer), data, [self.network_], augment=augment
         )
 
-    def _score_batch(self, pixels: torch.Tensor):
+    def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         residuals = residual_map(pixels, self.network_(pixels), self.residual)
         maps = anomaly_maps(residuals, self.image_size, self.smoothing_sigma)
         return image_scores(maps, self.image_score, self.top_k), maps.numpy()

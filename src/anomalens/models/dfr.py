@@ -82,7 +82,7 @@ class DFR(TrainedDetector):
         image_score: str = "max",
         top_k: float = 0.01,
         max_epochs: int = 30,
-        time_budget_s: float | None = 300.0,
+        time_budget_s: float | None = 420.0,
         patience: int = 5,
         learning_rate: float = 1e-3,
         *,
@@ -147,7 +147,7 @@ class DFR(TrainedDetector):
 
     # ---- fit ---------------------------------------------------------------------------------
     def _fit(self, images: list[ImageLike]) -> None:
-        self._check_training_params()
+        self._start_training()
         check_choice("image_score", self.image_score, IMAGE_SCORES)
         if not 0 < self.latent_variance <= 1:
             raise ParameterError(f"latent_variance must be in (0, 1], got {self.latent_variance}")

@@ -12,7 +12,9 @@ anomaly detection with generative adversarial networks", Medical Image Analysis 
 3. Anomaly score (sec. 2.4): the same A(x) = image residual + kappa x critic-feature residual.
    Anomaly map: the residual |x - G(E(x))| (or L2 / SSIM), Gaussian-smoothed.
 
-The GAN phase gets `gan_budget_fraction` of `time_budget_s`, the encoder the rest.
+The GAN phase gets `gan_budget_fraction` of `time_budget_s`, the encoder the rest. Only the encoder
+stops early on a plateau (`patience`): the critic's Wasserstein estimate first grows while the
+critic learns, so it is no loss whose plateau means the generator is done.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class FAnoGAN(TrainedDetector):
         augment: str = "shift,brightness",
         max_epochs: int = 300,
         encoder_epochs: int = 100,
-        time_budget_s: float | None = 300.0,
+        time_budget_s: float | None = 420.0,
         gan_budget_fraction: float = 0.75,
         patience: int = 20,
         learning_rate: float = 1e-4,
@@ -68,7 +70,7 @@ class FAnoGAN(TrainedDetector):
         target_fpr: float = 0.01,
         pixel_target_fpr: float = 0.001,
         validation_fraction: float = 0.1,
-        batch_size: int = 32,
+        batch_size: int = 16,
         seed: int = 0,
     ) -> None:
         super().__init__(
@@ -107,7 +109,7 @@ class FAnoGAN(TrainedDetector):
 
     # ---- fit ---------------------------------------------------------------------------------
     def _fit(self, images: list[ImageLike]) -> None:
-        self._check_training_params()
+        self._start_training()
         if int(self.n_critic) < 1 or int(self.encoder_epochs) < 1:
             raise ParameterError("n_critic and encoder_epochs must be at least 1")
         if not 0 < self.gan_budget_fraction < 1:
@@ -125,6 +127,7 @@ class FAnoGAN(TrainedDetector):
             [self.generator_, self.critic_],
             time_budget_s=None if budget is None else budget * self.gan_budget_fraction,
             augment=augment,
+            patience=int(self.max_epochs),
         )
         for module in (self.generator_, self.critic_):
             module.requires_grad_(False)

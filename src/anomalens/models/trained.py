@@ -25,7 +25,9 @@ class TrainedDetector(Detector):
     patience: int
     learning_rate: float
 
-    def _check_training_params(self) -> None:
+    def _start_training(self) -> None:
+        """Check the training parameters and clear the summary of any earlier fit."""
+        self.training_: dict[str, Any] = {}
         if int(self.max_epochs) < 1:
             raise ParameterError(f"max_epochs must be at least 1, got {self.max_epochs}")
         if self.time_budget_s is not None:
@@ -58,8 +60,6 @@ class TrainedDetector(Detector):
             augment=augment,
             description=f"training {name}",
         )
-        if not hasattr(self, "training_"):
-            self.training_: dict[str, Any] = {}
         self.training_[name] = {
             "epochs": history.epochs,
             "stopped": history.stopped,

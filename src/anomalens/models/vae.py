@@ -87,8 +87,8 @@ class VAE(TrainedDetector):
         smoothing_sigma: float = 2.0,
         top_k: float = 0.01,
         augment: str = "shift,brightness",
-        max_epochs: int = 150,
-        time_budget_s: float | None = 300.0,
+        max_epochs: int = 100,
+        time_budget_s: float | None = 420.0,
         patience: int = 10,
         learning_rate: float = 1e-3,
         *,
@@ -128,7 +128,7 @@ class VAE(TrainedDetector):
         return VariationalAutoencoder(self.image_size, self.latent_dim, self.width)
 
     def _fit(self, images: list[ImageLike]) -> None:
-        self._check_training_params()
+        self._start_training()
         check_positive("beta", self.beta)
         self.network_ = self._build()
         augment = make_augmentation(self.augment)
