@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint format bench
+.PHONY: venv demo test lint format bench bench-reconstruction
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,3 +29,6 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/patchcore.py --json benchmarks/out/patchcore.json
+
+bench-reconstruction: $(STAMP)
+	nice -n 5 $(PY) benchmarks/reconstruction.py --json benchmarks/out/reconstruction.json

@@ -27,7 +27,7 @@ MODELS = ("autoencoder", "vae", "fanogan", "dfr")
 VARIANTS: dict[str, list[dict]] = {
     "autoencoder": [{"residual": "l2"}, {"image_score": "top_k"}],
     "vae": [{"image_score": "reconstruction"}, {"image_score": "max"}],
-    "fanogan": [{"residual": "l2"}],
+    "fanogan": [{"kappa": 0.0}, {"residual": "ssim"}],
     "dfr": [{"image_score": "top_k"}],
 }
 KEYS = ("image_auroc", "pixel_auroc", "aupro")

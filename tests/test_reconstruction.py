@@ -180,7 +180,7 @@ def test_vae_negative_elbo_includes_the_kl_term() -> None:
 def test_dfr_detects_and_localises_synthetic_defects(brick: Path, tmp_path: Path) -> None:
     model = anomalens.create("dfr", image_size=128, max_epochs=15, time_budget_s=None)
     model.fit(training_images(brick))
-    assert 1 <= model.latent_channels_ < model.feature_mean_.shape[1]
+    assert 1 <= model.latent_channels_ < len(model.feature_mean_)
     samples = test_samples(brick)
     predictions = model.predict([s.path for s in samples])
     labels = [s.label for s in samples]

@@ -28,7 +28,7 @@ from torch import nn
 
 from anomalens.backbones import DEFAULT_BACKBONE, Backbone
 from anomalens.errors import ParameterError
-from anomalens.features import aggregate_patches
+from anomalens.features import aggregate_patches, flatten_patches
 from anomalens.models.trained import TrainedDetector
 from anomalens.networks import load_module_tensors, module_tensors
 from anomalens.preprocessing import ImageLike, iter_batches
@@ -128,22 +128,23 @@ class DFR(TrainedDetector):
         self.layers = list(self.backbone_.layers)
 
     @torch.inference_mode()
-    def _features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) in [0, 1] -> multi-scale regional features (B, C, h, w)."""
-        return aggregate_patches(self.backbone_(pixels))
+    def _vectors(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(B, 3, S, S) in [0, 1] -> regional feature vectors (B * h * w, C) and (h, w)."""
+        features = aggregate_patches(self.backbone_(pixels))
+        return flatten_patches(features), tuple(features.shape[-2:])
 
     def _extract(self, images: list[ImageLike]) -> torch.Tensor:
-        """Features of all images, float16 to halve the memory of the training set."""
+        """Feature vectors of all images, float16 to halve the memory of the training set."""
         chunks = []
         with make_progress() as progress:
             task = progress.add_task("features", total=len(images), info="")
             for batch in iter_batches(images, self.image_size, self.batch_size):
-                chunks.append(self._features(batch.pixels).half())
+                chunks.append(self._vectors(batch.pixels)[0].half())
                 progress.advance(task, len(batch.sizes))
         return torch.cat(chunks)
 
-    def _standardise(self, features: torch.Tensor) -> torch.Tensor:
-        return (features.float() - self.feature_mean_) / self.feature_std_
+    def _standardise(self, vectors: torch.Tensor) -> torch.Tensor:
+        return (vectors.float() - self.feature_mean_) / self.feature_std_
 
     # ---- fit ---------------------------------------------------------------------------------
     def _fit(self, images: list[ImageLike]) -> None:
@@ -151,38 +152,33 @@ class DFR(TrainedDetector):
         check_choice("image_score", self.image_score, IMAGE_SCORES)
         if not 0 < self.latent_variance <= 1:
             raise ParameterError(f"latent_variance must be in (0, 1], got {self.latent_variance}")
+        if self.latent_channels is not None and int(self.latent_channels) < 1:
+            raise ParameterError(f"latent_channels must be positive, got {self.latent_channels}")
         self._build_backbone(self.weights)
-        features = self._extract(images)
-        channels = features.shape[1]
-        total = torch.zeros(channels, dtype=torch.float64)
-        squares = torch.zeros(channels, dtype=torch.float64)
-        for chunk in features.split(64):
-            chunk = chunk.double()
-            total += chunk.sum(dim=(0, 2, 3))
-            squares += (chunk**2).sum(dim=(0, 2, 3))
-        count = features.numel() / channels
-        mean = total / count
-        std = (squares / count - mean**2).clamp_min(1e-12).sqrt()
-        self.feature_mean_ = mean.float().view(1, -1, 1, 1)
-        self.feature_std_ = std.float().clamp_min(1e-6).view(1, -1, 1, 1)
-        features = torch.cat([self._standardise(chunk).half() for chunk in features.split(64)])
+        vectors = self._extract(images)
+        total = torch.zeros(vectors.shape[1], dtype=torch.float64)
+        squares = torch.zeros_like(total)
+        for chunk in vectors.split(65536):
+            total += chunk.double().sum(dim=0)
+            squares += (chunk.double() ** 2).sum(dim=0)
+        mean = total / len(vectors)
+        std = (squares / len(vectors) - mean**2).clamp_min(0).sqrt()
+        self.feature_mean_ = mean.float()
+        self.feature_std_ = std.float().clamp_min(1e-6)
+        vectors = torch.cat([self._standardise(chunk).half() for chunk in vectors.split(65536)])
         if self.latent_channels is None:
             generator = torch.Generator().manual_seed(self.seed)
-            vectors = features.permute(0, 2, 3, 1).reshape(-1, channels)
             sample = vectors[torch.randperm(len(vectors), generator=generator)[:20_000]]
             self.latent_channels_ = pca_components(sample.float(), self.latent_variance)
-        elif int(self.latent_channels) < 1:
-            raise ParameterError(f"latent_channels must be positive, got {self.latent_channels}")
         else:
             self.latent_channels_ = int(self.latent_channels)
-        self.network_ = feature_autoencoder(channels, self.latent_channels_)
+        self.network_ = feature_autoencoder(vectors.shape[1], self.latent_channels_)
         optimizer = torch.optim.Adam(self.network_.parameters(), lr=self.learning_rate)
 
         def loss(batch: torch.Tensor) -> torch.Tensor:
             batch = batch.float()
             return ((self.network_(batch) - batch) ** 2).mean()
 
-        vectors = features.permute(0, 2, 3, 1).reshape(-1, channels)
         self._train(
             "feature autoencoder",
             optimizer_step(loss, optimizer),
@@ -193,11 +189,10 @@ class DFR(TrainedDetector):
 
     # ---- score -------------------------------------------------------------------------------
     def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        features = self._standardise(self._features(pixels))
-        count, channels, height, width = features.shape
-        vectors = features.permute(0, 2, 3, 1).reshape(-1, channels)
+        vectors, (height, width) = self._vectors(pixels)
+        vectors = self._standardise(vectors)
         errors = ((self.network_(vectors) - vectors) ** 2).mean(dim=1)
-        errors = errors.view(count, 1, height, width)
+        errors = errors.view(len(pixels), 1, height, width)
         maps = anomaly_maps(errors, self.image_size, self.smoothing_sigma)
         return image_scores(maps, self.image_score, self.top_k), maps.numpy()
 
@@ -222,5 +217,5 @@ class DFR(TrainedDetector):
         load_module_tensors(self.backbone_.network, tensors, "backbone")
         self.feature_mean_ = tensors["feature_mean"]
         self.feature_std_ = tensors["feature_std"]
-        self.network_ = feature_autoencoder(self.feature_mean_.shape[1], self.latent_channels_)
+        self.network_ = feature_autoencoder(len(self.feature_mean_), self.latent_channels_)
         load_module_tensors(self.network_, tensors, "network")
