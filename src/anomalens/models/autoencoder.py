@@ -4,7 +4,7 @@ defect segmentation by applying structural similarity to autoencoders", VISAPP 2
 1. An encoder of strided 4x4 convolutions squeezes the image into a narrow `latent_dim` vector and
    a mirrored decoder reconstructs the image from it. Trained on normal images only, the network
    learns to reproduce what is normal; a defect is not representable and is reconstructed wrongly.
-2. The training loss is the mean of the residual the detector scores with (sec. 3: L2 for AE-L2,
+2. The training loss is the mean of the residual the detector scores with (L2 for AE-L2,
    1 - SSIM for AE-SSIM; L1 is also offered).
 3. The anomaly map is the per-pixel residual between input and reconstruction, Gaussian-smoothed;
    the image score is its maximum, or the mean of its `top_k` fraction of largest pixels.

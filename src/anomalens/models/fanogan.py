@@ -1,15 +1,15 @@
 """f-AnoGAN (Schlegl, Seeböck, Waldstein, Langs, Schmidt-Erfurth, "f-AnoGAN: Fast unsupervised
 anomaly detection with generative adversarial networks", Medical Image Analysis 2019).
 
-1. GAN training (sec. 2.2): a Wasserstein GAN with gradient penalty (Gulrajani et al. 2017:
+1. GAN training: a Wasserstein GAN with gradient penalty (Gulrajani et al. 2017:
    `n_critic` critic updates per generator update, penalty weight `gp_weight`, Adam with
    betas (0, 0.9)) learns to generate normal images G(z) from codes z uniform in [-1, 1]^d.
-2. Encoder training (sec. 2.3, the izi_f architecture): with G and the critic D frozen, an encoder
+2. Encoder training (the izi_f architecture): with G and the critic D frozen, an encoder
    E (ending in tanh, so its codes stay in G's latent range) learns x -> z by minimising
    L = 1/n ||x - G(E(x))||² + kappa/n_d ||f(x) - f(G(E(x)))||², where f are the critic's features
    before its last layer. This replaces AnoGAN's slow iterative latent search: scoring is one
    encoder and one generator pass.
-3. Anomaly score (sec. 2.4): the same A(x) = image residual + kappa x critic-feature residual.
+3. Anomaly score: the same A(x) = image residual + kappa x critic-feature residual.
    Anomaly map: the residual |x - G(E(x))| (or L2 / SSIM), Gaussian-smoothed.
 
 The GAN phase gets `gan_budget_fraction` of `time_budget_s`, the encoder the rest. Only the encoder
@@ -188,7 +188,7 @@ class FAnoGAN(TrainedDetector):
         return step
 
     def _izif(self, images: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
-        """Per image: 1/n ||x - G(E(x))||² + kappa/n_d ||f(x) - f(G(E(x)))||² (sec. 2.3-2.4)."""
+        """Per image: 1/n ||x - G(E(x))||² + kappa/n_d ||f(x) - f(G(E(x)))||² ."""
         image_residual = ((images - reconstruction) ** 2).flatten(1).mean(dim=1)
         feature_residual = (
             (self.critic_.features(images) - self.critic_.features(reconstruction)) ** 2
