@@ -1,15 +1,15 @@
 """Deep feature reconstruction (Shi, Yang, Qi, "Unsupervised anomaly segmentation via deep feature
 reconstruction", Neurocomputing 2021): reconstruct pretrained CNN features instead of pixels.
 
-1. Multi-scale regional features: the feature maps of several stages of a frozen
-   ImageNet CNN, each averaged over a 3x3 neighbourhood, upsampled to the finest of them and
-   concatenated (`anomalens.features.aggregate_patches`); here standardised per channel on the
-   training images so that every stage counts alike.
-2. A convolutional autoencoder of 1x1 convolutions with batch norm and ReLU squeezes
-   every feature vector through a `latent_channels` bottleneck and reconstructs it; trained on
-   normal images with the L2 loss. With `latent_channels=None` the bottleneck is as wide as the
-   number of principal components that explain `latent_variance` of the training features'
-   variance (the paper's PCA rule).
+1. Multi-scale regional features: the feature maps of several stages of a frozen ImageNet CNN,
+   each averaged over a 3x3 neighbourhood, upsampled to the finest of them and concatenated
+   (`anomalens.features.aggregate_patches`); here standardised per channel on the training images
+   so that every stage counts alike.
+2. A convolutional autoencoder of 1x1 convolutions with batch norm and ReLU squeezes every feature
+   vector through a `latent_channels` bottleneck and reconstructs it; trained on normal images
+   with the L2 loss. With `latent_channels=None` the bottleneck is as wide as the number of
+   principal components that explain `latent_variance` of the training features' variance (the
+   paper's PCA rule).
 3. Anomaly map: the per-position squared reconstruction error (channel mean), upsampled to the
    image and Gaussian-smoothed; image score: its maximum or the mean of its top-k pixels.
 
