@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint format bench bench-deploy
+.PHONY: venv demo test lint format bench bench-deploy bench-reconstruction
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +33,6 @@ bench: $(STAMP)
 bench-deploy: $(STAMP)
 	$(PY) benchmarks/onnx_runtime.py --json benchmarks/out/onnx_runtime.json
 	$(PY) benchmarks/load_test.py --json benchmarks/out/load_test.json
+
+bench-reconstruction: $(STAMP)
+	nice -n 5 $(PY) benchmarks/reconstruction.py --json benchmarks/out/reconstruction.json

@@ -27,3 +27,7 @@ class NotFittedError(AnomalensError, RuntimeError):
 
 class ExportError(AnomalensError, ValueError):
     """A model cannot be exported (its method has no exportable graph) or the export failed."""
+
+
+class ParameterError(AnomalensError, ValueError):
+    """A detector parameter has a value outside what it accepts."""

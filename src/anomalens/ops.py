@@ -17,20 +17,28 @@ def gaussian_kernel1d(sigma: float) -> torch.Tensor:
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian smoothing of (B, 1, H, W) maps with reflected borders."""
+    """Separable Gaussian smoothing of (B, C, H, W) maps, each channel alone, reflected borders.
+
+    All B x C planes go through one depthwise convolution (groups = planes), which on a CPU is an
+    order of magnitude faster than a single-channel convolution over a batch of planes.
+    """
     if sigma <= 0:
         return maps
     kernel = gaussian_kernel1d(sigma).to(maps)
     radius = kernel.numel() // 2
-    height, width = maps.shape[-2:]
+    shape = maps.shape
+    height, width = shape[-2:]
+    planes = maps.reshape(1, -1, height, width)
     pad_x, pad_y = min(radius, width - 1), min(radius, height - 1)
     if pad_x < radius or pad_y < radius:
-        maps = F.pad(maps, (pad_x, pad_x, pad_y, pad_y), mode="reflect")
-        maps = F.pad(maps, (radius - pad_x,) * 2 + (radius - pad_y,) * 2, mode="replicate")
+        planes = F.pad(planes, (pad_x, pad_x, pad_y, pad_y), mode="reflect")
+        planes = F.pad(planes, (radius - pad_x,) * 2 + (radius - pad_y,) * 2, mode="replicate")
     else:
-        maps = F.pad(maps, (radius, radius, radius, radius), mode="reflect")
-    maps = F.conv2d(maps, kernel.view(1, 1, 1, -1))
-    return F.conv2d(maps, kernel.view(1, 1, -1, 1))
+        planes = F.pad(planes, (radius, radius, radius, radius), mode="reflect")
+    count = planes.shape[1]
+    planes = F.conv2d(planes, kernel.view(1, 1, 1, -1).expand(count, 1, 1, -1), groups=count)
+    planes = F.conv2d(planes, kernel.view(1, 1, -1, 1).expand(count, 1, -1, 1), groups=count)
+    return planes.reshape(shape)
 
 
 def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
