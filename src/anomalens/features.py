@@ -40,3 +40,24 @@ def pooled_features(feature_maps: list[torch.Tensor]) -> torch.Tensor:
     Bergman et al. 2020).
     """
     return torch.cat([features.mean(dim=(2, 3)) for features in feature_maps], dim=1)
+
+
+@torch.no_grad()
+def backbone_features(
+    backbone: torch.nn.Module, images: list, size: int, batch_size: int
+) -> list[torch.Tensor]:
+    """The backbone's feature maps of every image, computed once: one (N, C, h, w) tensor per
+    level. Trained methods on a frozen backbone train on this cache instead of re-running it."""
+    from anomalens.preprocessing import iter_batches
+    from anomalens.progress import make_progress
+
+    levels: list[list[torch.Tensor]] = []
+    with make_progress() as progress:
+        task = progress.add_task("features", total=len(images), info="")
+        for batch in iter_batches(images, size, batch_size):
+            for level, features in enumerate(backbone(batch.pixels)):
+                if level == len(levels):
+                    levels.append([])
+                levels[level].append(features)
+            progress.advance(task, len(batch.sizes))
+    return [torch.cat(level) for level in levels]
