@@ -20,7 +20,7 @@ from anomalens.features import backbone_features
 from anomalens.flows import gaussian_nll, nll_to_map
 from anomalens.models.base import Detector
 from anomalens.preprocessing import ImageLike
-from anomalens.training import optimizer_step, train
+from anomalens.training import TrainingHistory, optimizer_step, train
 
 
 class FlowDetector(Detector):
@@ -145,6 +145,24 @@ class FlowDetector(Detector):
     def _score_features(self, feature_maps: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
         maps = nll_to_map(self._nll(feature_maps), self.image_size, self.smoothing_sigma)
         return maps.amax(dim=(1, 2)).numpy().astype(np.float64), maps.numpy().astype(np.float32)
+
+    def fitted_config(self) -> dict:
+        config = super().fitted_config()
+        config["training"] = {
+            "losses": self.history_.losses,
+            "seconds": self.history_.seconds,
+            "stopped": self.history_.stopped,
+        }
+        return config
+
+    def restore(self, tensors: dict[str, torch.Tensor], fitted: dict) -> None:
+        super().restore(tensors, fitted)
+        training = fitted["training"]
+        self.history_ = TrainingHistory(
+            [float(loss) for loss in training["losses"]],
+            float(training["seconds"]),
+            str(training["stopped"]),
+        )
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         tensors = {f"flows.{k}": v for k, v in self.flows_.state_dict().items()}
