@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -64,12 +65,17 @@ def main() -> None:
         "torch": torch.__version__,
     }
     datasets = [("mvtec_bottle_512", 1), ("magnetic_tile", args.tile_every)]
-    for name, every in datasets:
-        for model_name in args.models:
+    for model_name in args.models:
+        for name, every in datasets:
+            load_before = os.getloadavg()[0]
+            cpu_before = time.process_time()
             model, evaluation = fit_and_evaluate(model_name, args.data / name, train_every=every)
             metrics = evaluation.metrics
+            metrics["cpu_s_fit_and_evaluate"] = time.process_time() - cpu_before
+            metrics["load_average"] = [load_before, os.getloadavg()[0]]
             metrics["epochs"] = model.history_.epochs
             metrics["stopped"] = model.history_.stopped
+            metrics["training_s"] = model.history_.seconds
             metrics.update(speed(model, args.data / name))
             report[f"{name}/{model_name}"] = metrics
             print(json.dumps({f"{name}/{model_name}": metrics}, indent=2), flush=True)

@@ -138,11 +138,19 @@ def gaussian_nll(z: torch.Tensor, log_det: torch.Tensor) -> torch.Tensor:
 def nll_to_map(level_nll: list[torch.Tensor], size: int, sigma: float) -> torch.Tensor:
     """Per-level NLL maps (B, h, w) -> one (B, size, size) anomaly map.
 
-    Each level is upsampled (bilinear) and the levels are combined as the NLL of their average
-    likelihood, -log mean_l exp(-NLL_l) (computed stably), then Gaussian-smoothed. As in FastFlow
-    and CFlow, which average the levels' likelihoods rather than their logs, a position is as
-    anomalous as all levels agree it is unlikely; a plain mean of NLLs would let one level's
-    unbounded values drown the others (on bottle it costs ~3 points of pixel AUROC)."""
-    nll = torch.stack([resize_maps(level[:, None], (size, size)) for level in level_nll])
-    combined = math.log(len(level_nll)) - torch.logsumexp(-nll, dim=0)
-    return gaussian_blur(combined, sigma)[:, 0]
+    As FastFlow and CFlow do, the levels are combined in likelihood space: each level's likelihood
+    exp(-NLL) is upsampled (bilinear), the levels are averaged and the result Gaussian-smoothed;
+    the map is the NLL of that, -log(smoothed mean likelihood). A position is as anomalous as all
+    levels agree it is unlikely; a plain mean of NLLs lets one level's unbounded values drown the
+    others (on bottle it costs ~2 points of pixel AUROC). Computed in float64 relative to each
+    image's smallest NLL, so nothing underflows short of ~700 nats per dimension above it."""
+    offset = torch.stack([level.amin(dim=(1, 2)) for level in level_nll]).amin(dim=0)
+    offset = offset.double()[:, None, None, None]
+    likelihood = torch.stack(
+        [
+            resize_maps(torch.exp(offset - level.double()[:, None]), (size, size))
+            for level in level_nll
+        ]
+    ).mean(dim=0)
+    likelihood = gaussian_blur(likelihood, sigma).clamp_min(torch.finfo(torch.float64).tiny)
+    return (offset - torch.log(likelihood))[:, 0].float()

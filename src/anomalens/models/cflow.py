@@ -45,7 +45,7 @@ class CFlow(FlowDetector):
         condition_dims: int = 64,
         clamp: float = 1.9,
         learning_rate: float = 1e-3,
-        max_epochs: int = 100,
+        max_epochs: int = 20,
         time_budget_s: float | None = 300.0,
         patience: int = 10,
         smoothing_sigma: float = 4.0,

@@ -34,7 +34,7 @@ class FlowDetector(Detector):
         flow_steps: int = 8,
         clamp: float = 2.0,
         learning_rate: float = 1e-3,
-        max_epochs: int = 100,
+        max_epochs: int = 20,
         time_budget_s: float | None = 300.0,
         patience: int = 10,
         smoothing_sigma: float = 4.0,
