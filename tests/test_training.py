@@ -65,3 +65,17 @@ def test_nan_loss_is_an_error() -> None:
     model, data, _ = _problem()
     with pytest.raises(FloatingPointError, match="loss became nan"):
         train(lambda batch: float("nan"), data, modules=[model], max_epochs=2)
+
+
+def test_time_budget_cuts_a_long_first_epoch() -> None:
+    model, data, _ = _problem()
+
+    def slow(batch: torch.Tensor) -> float:
+        time.sleep(0.1)
+        return 1.0
+
+    history = train(
+        slow, data, modules=[model], max_epochs=5, time_budget_s=0.25, batch_size=16, patience=9
+    )
+    assert history.stopped == "time_budget" and history.epochs == 1
+    assert history.seconds < 0.8  # one epoch would take 16 x 0.1 s

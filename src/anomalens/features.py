@@ -62,3 +62,21 @@ def pooled_dataset_features(
             vectors.append(pooled_features(extractor(batch.pixels)))
             progress.advance(task, len(batch.sizes))
     return torch.cat(vectors)
+
+
+@torch.no_grad()
+def backbone_features(
+    backbone: torch.nn.Module, images: list, size: int, batch_size: int
+) -> list[torch.Tensor]:
+    """The backbone's feature maps of every image, computed once: one (N, C, h, w) tensor per
+    level. Trained methods on a frozen backbone train on this cache instead of re-running it."""
+    levels: list[list[torch.Tensor]] = []
+    with make_progress() as progress:
+        task = progress.add_task("features", total=len(images), info="")
+        for batch in iter_batches(images, size, batch_size):
+            for level, features in enumerate(backbone(batch.pixels)):
+                if level == len(levels):
+                    levels.append([])
+                levels[level].append(features)
+            progress.advance(task, len(batch.sizes))
+    return [torch.cat(level) for level in levels]

@@ -68,8 +68,10 @@ def train(
 
     data: (N, ...) tensor; uint8 images are converted to float in [0, 1] per batch.
     Stops early when the epoch loss has not improved by a relative `min_improvement` for `patience`
-    epochs, or before an epoch that would overrun `time_budget_s`. `modules` are put in train mode
-    for the loop and back in eval mode after it.
+    epochs, or before an epoch that would overrun `time_budget_s` (and within an epoch, after the
+    batch that overran it: a first epoch longer than the budget is cut short, its loss being the
+    mean over the batches it ran). `modules` are put in train mode for the loop and back in eval
+    mode after it.
     """
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -99,6 +101,13 @@ def train(
                         batch = augment(batch, generator)
                     total += step(batch) * len(indices)
                     count += len(indices)
+                    if (
+                        time_budget_s is not None
+                        and time.perf_counter() - started > time_budget_s
+                        and count < len(data)
+                    ):
+                        history.stopped = "time_budget"
+                        break
                 loss = total / max(count, 1)
                 if not math.isfinite(loss):
                     raise FloatingPointError(
@@ -114,6 +123,8 @@ def train(
                     completed=epoch + 1,
                     info=f"epoch {epoch + 1} loss {loss:.4g} ~{remaining:.0f}s left",
                 )
+                if history.stopped == "time_budget":
+                    break
                 if not math.isfinite(best) or loss < best - abs(best) * min_improvement:
                     best, stale = loss, 0
                 else:

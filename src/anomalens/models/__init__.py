@@ -2,8 +2,10 @@
 
 from anomalens.models import (
     autoencoder,
+    cflow,
     dfr,
     fanogan,
+    fastflow,
     gaussian,
     knn,
     padim,
@@ -16,8 +18,10 @@ from anomalens.models.base import Detector
 __all__ = [
     "Detector",
     "autoencoder",
+    "cflow",
     "dfr",
     "fanogan",
+    "fastflow",
     "gaussian",
     "knn",
     "padim",

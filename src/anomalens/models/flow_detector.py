@@ -1,0 +1,185 @@
+"""The detector shared by the normalizing-flow methods (FastFlow, CFlow).
+
+Backbone features are extracted once per training image (the backbone is frozen) and standardised
+per channel with training statistics; one flow per feature level trains on that cache with the
+shared loop `anomalens.training.train`, minimising the mean negative log-likelihood per dimension
+(`anomalens.flows.gaussian_nll`). A subclass builds the flow of each level (`_build_flow`) and says
+how a level goes through it (`_level_flow`); maps and scores come from `anomalens.flows.nll_to_map`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from anomalens.backbones import DEFAULT_BACKBONE, Backbone
+from anomalens.features import backbone_features
+from anomalens.flows import gaussian_nll, nll_to_map
+from anomalens.models.base import Detector
+from anomalens.preprocessing import ImageLike
+from anomalens.training import TrainingHistory, optimizer_step, train
+
+
+class FlowDetector(Detector):
+    """Shared fit / score / persistence of the flow detectors (see the module docstring)."""
+
+    def __init__(
+        self,
+        backbone: str = DEFAULT_BACKBONE,
+        layers: tuple[str, ...] | list[str] | None = None,
+        weights: str = "auto",
+        flow_steps: int = 8,
+        clamp: float = 2.0,
+        learning_rate: float = 1e-3,
+        max_epochs: int = 20,
+        time_budget_s: float | None = 300.0,
+        patience: int = 10,
+        smoothing_sigma: float = 4.0,
+        *,
+        image_size: int = 256,
+        target_fpr: float = 0.01,
+        pixel_target_fpr: float = 0.001,
+        validation_fraction: float = 0.1,
+        batch_size: int = 8,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            image_size=image_size,
+            target_fpr=target_fpr,
+            pixel_target_fpr=pixel_target_fpr,
+            validation_fraction=validation_fraction,
+            batch_size=batch_size,
+            seed=seed,
+        )
+        self.backbone = backbone
+        self.layers = layers
+        self.weights = weights
+        self.flow_steps = flow_steps
+        self.clamp = clamp
+        self.learning_rate = learning_rate
+        self.max_epochs = max_epochs
+        self.time_budget_s = time_budget_s
+        self.patience = patience
+        self.smoothing_sigma = smoothing_sigma
+
+    def get_params(self) -> dict:
+        params = super().get_params()
+        params["layers"] = list(self.layers) if self.layers else None
+        params["weights"] = str(self.weights)
+        return params
+
+    # ---- what a flow method implements --------------------------------------------------------
+    def _build_flow(self, level: int, channels: int, generator: torch.Generator) -> nn.Module:
+        raise NotImplementedError
+
+    def _level_flow(self, level: int, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Standardised features (B, C, h, w) of one level -> z and log-det per position."""
+        raise NotImplementedError
+
+    # ---- shared ---------------------------------------------------------------------------------
+    def _build(self, weights: str | Path) -> None:
+        if self.flow_steps < 1 or self.clamp <= 0:
+            raise ValueError(
+                f"flow_steps must be >= 1 and clamp > 0, got {self.flow_steps} and {self.clamp}"
+            )
+        self.backbone_ = Backbone(
+            self.backbone, tuple(self.layers) if self.layers else None, weights
+        )
+        self.layers = list(self.backbone_.layers)
+        generator = torch.Generator().manual_seed(self.seed)
+        self.flows_ = nn.ModuleList(
+            self._build_flow(level, channels, generator)
+            for level, channels in enumerate(self.backbone_.channels)
+        )
+        self.flows_.eval()
+
+    def _standardise(self, feature_maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [
+            (features - mean) / std
+            for features, mean, std in zip(feature_maps, self.means_, self.stds_, strict=True)
+        ]
+
+    def _level_nll(self, level: int, features: torch.Tensor) -> torch.Tensor:
+        """NLL per dimension of every position, (B, h, w)."""
+        return gaussian_nll(*self._level_flow(level, features))
+
+    def _nll(self, feature_maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        standardised = self._standardise(feature_maps)
+        return [self._level_nll(level, f) for level, f in enumerate(standardised)]
+
+    def _fit(self, images: list[ImageLike]) -> None:
+        self._build(self.weights)
+        self._train(backbone_features(self.backbone_, images, self.image_size, self.batch_size))
+
+    def _train(self, cache: list[torch.Tensor]) -> None:
+        """Fit the standardisation and the flows on cached features, one (N, C, h, w) per level."""
+        self.means_ = [f.mean(dim=(0, 2, 3), keepdim=True) for f in cache]
+        self.stds_ = [f.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6) for f in cache]
+        cache = self._standardise(cache)
+        optimizer = torch.optim.Adam(
+            self.flows_.parameters(), lr=self.learning_rate, weight_decay=1e-5
+        )
+
+        def loss(indices: torch.Tensor) -> torch.Tensor:
+            levels = [self._level_nll(i, features[indices]) for i, features in enumerate(cache)]
+            return torch.stack([nll.mean() for nll in levels]).mean()
+
+        self.history_ = train(
+            optimizer_step(loss, optimizer),
+            torch.arange(len(cache[0])),
+            modules=[self.flows_],
+            max_epochs=self.max_epochs,
+            time_budget_s=self.time_budget_s,
+            batch_size=self.batch_size,
+            patience=self.patience,
+            seed=self.seed,
+            description=f"training {self.name}",
+        )
+
+    def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        return self._score_features(self.backbone_(pixels))
+
+    def _score_features(self, feature_maps: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        maps = nll_to_map(self._nll(feature_maps), self.image_size, self.smoothing_sigma)
+        return maps.amax(dim=(1, 2)).numpy().astype(np.float64), maps.numpy().astype(np.float32)
+
+    def fitted_config(self) -> dict:
+        config = super().fitted_config()
+        config["training"] = {
+            "losses": self.history_.losses,
+            "seconds": self.history_.seconds,
+            "stopped": self.history_.stopped,
+        }
+        return config
+
+    def restore(self, tensors: dict[str, torch.Tensor], fitted: dict) -> None:
+        super().restore(tensors, fitted)
+        training = fitted["training"]
+        self.history_ = TrainingHistory(
+            [float(loss) for loss in training["losses"]],
+            float(training["seconds"]),
+            str(training["stopped"]),
+        )
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {f"flows.{k}": v for k, v in self.flows_.state_dict().items()}
+        for level, (mean, std) in enumerate(zip(self.means_, self.stds_, strict=True)):
+            tensors[f"mean.{level}"], tensors[f"std.{level}"] = mean, std
+        for key, value in self.backbone_.network.state_dict().items():
+            tensors[f"backbone.{key}"] = value
+        return tensors
+
+    def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._build("random")
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        self.backbone_.network.load_state_dict(part("backbone."), strict=True)
+        self.flows_.load_state_dict(part("flows."), strict=True)
+        levels = range(len(self.backbone_.channels))
+        self.means_ = [tensors[f"mean.{level}"] for level in levels]
+        self.stds_ = [tensors[f"std.{level}"] for level in levels]
