@@ -199,3 +199,26 @@ class Backbone(nn.Module):
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         return self.network((images - self.mean) / self.std)
+
+
+def image_layers(name: str) -> tuple[str, ...]:
+    """The two deepest stages (strides 16 and 32): the semantic levels that pooled, image-level
+    features use (the mid-level default suits patches, not whole-image descriptors)."""
+    levels = feature_levels(name)
+    chosen = tuple(module for module, stride, _ in levels if stride in (16, 32))
+    return chosen or tuple(module for module, _, _ in levels[-2:])
+
+
+def backbone_tensors(backbone: Backbone, prefix: str = "backbone.") -> dict[str, torch.Tensor]:
+    """The backbone's weights under `prefix`, for a self-contained model file."""
+    return {f"{prefix}{key}": value for key, value in backbone.network.state_dict().items()}
+
+
+def restore_backbone(
+    name: str, layers: tuple[str, ...], tensors: dict[str, torch.Tensor], prefix: str = "backbone."
+) -> Backbone:
+    """A `Backbone` rebuilt from `backbone_tensors` output (strict: every weight must be there)."""
+    backbone = Backbone(name, layers, "random")
+    state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    backbone.network.load_state_dict(state, strict=True)
+    return backbone.eval()
