@@ -8,7 +8,8 @@ from torch import nn
 class ConvEncoder(nn.Sequential):
     """A plain CNN: a 3x3 convolution with `width` channels at full resolution, then `stages`
     stride-2 3x3 convolutions doubling the channels (each with batch norm and leaky ReLU), global
-    average pooling and a linear layer to `out_features`. Stride-2 convolutions rather than max
+    average pooling (or, given `input_size`, flattening of the final map, which keeps where
+    things are) and a linear layer to `out_features`. Stride-2 convolutions rather than max
     pooling: on a CPU, pooling took half the time of the whole network.
 
     `bias=False` removes every bias and batch-norm offset, as Deep SVDD needs (Ruff et al. 2018,
@@ -22,6 +23,7 @@ class ConvEncoder(nn.Sequential):
         stages: int = 3,
         in_channels: int = 3,
         bias: bool = True,
+        input_size: int | None = None,
     ) -> None:
         layers: list[nn.Module] = []
         channels = in_channels
@@ -33,9 +35,13 @@ class ConvEncoder(nn.Sequential):
                 nn.LeakyReLU(0.1),
             ]
             channels = out
-        layers += [
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(channels, out_features, bias=bias),
-        ]
+        if input_size is None:
+            layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        else:
+            side = input_size
+            for _ in range(stages):
+                side = (side + 1) // 2
+            layers.append(nn.Flatten())
+            channels *= side * side
+        layers.append(nn.Linear(channels, out_features, bias=bias))
         super().__init__(*layers)

@@ -59,7 +59,7 @@ class DeepSVDD(Detector):
         backbone: str = DEFAULT_BACKBONE,
         weights: str = "auto",
         rep_dim: int = 64,
-        width: int = 32,
+        width: int = 16,
         max_epochs: int = 30,
         time_budget_s: float | None = None,
         learning_rate: float = 1e-4,
@@ -98,7 +98,9 @@ class DeepSVDD(Detector):
             self.backbone_ = Backbone(self.backbone, image_layers(self.backbone), weights)
             self.network_ = projection_head(sum(self.backbone_.channels), self.rep_dim).eval()
         else:
-            self.network_ = ConvEncoder(self.rep_dim, self.width, bias=False).eval()
+            self.network_ = ConvEncoder(
+                self.rep_dim, self.width, bias=False, input_size=self.image_size
+            ).eval()
 
     def _inputs(self, images: list[ImageLike]) -> torch.Tensor:
         """What the trained network reads: pooled backbone features, or uint8 pixels."""

@@ -31,7 +31,7 @@ from scipy.special import digamma, polygamma
 
 from anomalens.models.base import Detector
 from anomalens.nets import ConvEncoder
-from anomalens.preprocessing import ImageLike, load_resized
+from anomalens.preprocessing import ImageLike, iter_batches, load_resized
 from anomalens.registry import register
 from anomalens.training import optimizer_step, train
 
@@ -106,7 +106,7 @@ class RotNet(Detector):
         flips: bool = True,
         translation: float = 0.0,
         score: str = "dirichlet",
-        width: int = 32,
+        width: int = 16,
         max_epochs: int = 20,
         time_budget_s: float | None = None,
         learning_rate: float = 1e-3,
@@ -207,6 +207,20 @@ class RotNet(Detector):
             count = len(self.transformations_)
             normality = log_probs[torch.arange(count), :, torch.arange(count)].mean(dim=0)
         return (-normality).numpy(), None
+
+    def recognition_accuracy(self, images: list[ImageLike]) -> float:
+        """Fraction of the k transformed versions of `images` whose transformation the network
+        names correctly. Close to 1/k on the normal images means the task is unlearnable on
+        this data (e.g. rotation-symmetric objects) and the scores carry little information."""
+        self._check_fitted()
+        correct, total = 0, 0
+        count = len(self.transformations_)
+        with torch.inference_mode():
+            for batch in iter_batches(images, self.image_size, self.batch_size):
+                predicted = self._log_probabilities(batch.pixels).argmax(dim=2)
+                correct += int((predicted == torch.arange(count)[:, None]).sum())
+                total += predicted.numel()
+        return correct / max(total, 1)
 
     # ---- persistence -------------------------------------------------------------------------
     def _tensors(self) -> dict[str, torch.Tensor]:
