@@ -171,13 +171,13 @@ def test_ocsvm_scores_match_scikit_learn() -> None:
     """Our torch scoring of the stored support vectors is scikit-learn's score_samples."""
     from sklearn.svm import OneClassSVM
 
-    from anomalens.features import extract_pooled_features
+    from anomalens.features import pooled_dataset_features
 
     train = textures("brick", 20, seed=0)
     model = anomalens.create("ocsvm", image_size=64, gamma="scale", validation_fraction=0.1)
     model.fit(train)
     normal = textures("brick", 6, seed=1)
-    features = extract_pooled_features(model.backbone_, normal, 64)
+    features = pooled_dataset_features(model.backbone_, normal, 64, 8).numpy()
     features /= np.linalg.norm(features, axis=1, keepdims=True)
     svm = OneClassSVM(gamma=model.gamma_, nu=model.nu)
     svm.support_vectors_ = model.support_vectors_.numpy().astype(np.float64)

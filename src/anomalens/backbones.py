@@ -19,6 +19,9 @@ from torch import nn
 from anomalens.errors import WeightsError
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+IMAGE_LEVEL_STRIDES = (16, 32)
+"""Strides of the stages whose pooled features describe a whole image (the deepest, most semantic
+ones; patch methods use 8 and 16)."""
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,15 @@ def feature_levels(name: str) -> list[tuple[str, int, int]]:
     return list(zip(info.module_name(), info.reduction(), info.channels(), strict=True))
 
 
+def layers_with_strides(name: str, strides: tuple[int, ...]) -> tuple[str, ...]:
+    """The first feature level of each of `strides` that the backbone has, in stride order."""
+    chosen: dict[int, str] = {}
+    for module, stride, _ in feature_levels(name):
+        if stride in strides:
+            chosen.setdefault(stride, module)
+    return tuple(chosen[stride] for stride in sorted(chosen))
+
+
 def default_layers(name: str) -> tuple[str, ...]:
     """The mid-level stages of stride 8 and 16 (PatchCore's choice, e.g. WRN-50 layer2+layer3)."""
     levels = feature_levels(name)
@@ -197,28 +209,29 @@ class Backbone(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.eval()
 
+    def weight_tensors(self) -> dict[str, torch.Tensor]:
+        """The network's weights (to save in a model file, so it is self-contained)."""
+        return dict(self.network.state_dict())
+
+    def load_weight_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        self.network.load_state_dict(state, strict=True)
+
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         return self.network((images - self.mean) / self.std)
 
 
-def image_layers(name: str) -> tuple[str, ...]:
-    """The two deepest stages (strides 16 and 32): the semantic levels that pooled, image-level
-    features use (the mid-level default suits patches, not whole-image descriptors)."""
-    levels = feature_levels(name)
-    chosen = tuple(module for module, stride, _ in levels if stride in (16, 32))
-    return chosen or tuple(module for module, _, _ in levels[-2:])
-
-
-def backbone_tensors(backbone: Backbone, prefix: str = "backbone.") -> dict[str, torch.Tensor]:
-    """The backbone's weights under `prefix`, for a self-contained model file."""
-    return {f"{prefix}{key}": value for key, value in backbone.network.state_dict().items()}
+def backbone_tensors(extractor: Backbone) -> dict[str, torch.Tensor]:
+    """The extractor's weights keyed ``backbone.<name>``, for a model file."""
+    return {f"backbone.{key}": value for key, value in extractor.weight_tensors().items()}
 
 
 def restore_backbone(
-    name: str, layers: tuple[str, ...], tensors: dict[str, torch.Tensor], prefix: str = "backbone."
+    name: str, layers: tuple[str, ...] | list[str] | None, tensors: dict[str, torch.Tensor]
 ) -> Backbone:
-    """A `Backbone` rebuilt from `backbone_tensors` output (strict: every weight must be there)."""
-    backbone = Backbone(name, layers, "random")
+    """Rebuild an extractor from a model file's ``backbone.*`` tensors (explicit, never silent:
+    random initialisation, then every weight loaded strictly)."""
+    extractor = Backbone(name, tuple(layers) if layers else None, "random")
+    prefix = "backbone."
     state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-    backbone.network.load_state_dict(state, strict=True)
-    return backbone.eval()
+    extractor.load_weight_tensors(state)
+    return extractor

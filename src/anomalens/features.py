@@ -1,11 +1,9 @@
-"""Features from backbone maps: locally aware patch features (PatchCore, Roth et al., CVPR 2022,
-sec. 3.1) and pooled image vectors for image-level methods."""
+"""Locally aware multi-layer patch features (PatchCore, Roth et al., CVPR 2022, sec. 3.1)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -49,20 +47,18 @@ def pooled_features(feature_maps: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([features.mean(dim=(2, 3)) for features in feature_maps], dim=1)
 
 
-@torch.inference_mode()
-def extract_pooled_features(
-    backbone: torch.nn.Module,
+def pooled_dataset_features(
+    extractor: torch.nn.Module,
     images: Sequence[ImageLike],
     image_size: int,
-    batch_size: int = 32,
+    batch_size: int,
     description: str = "features",
-) -> np.ndarray:
-    """`pooled_features` of `backbone` for every image (resized to `image_size`), in batches with
-    a progress bar: float32 array (N, D)."""
-    chunks = []
-    with make_progress() as progress:
+) -> torch.Tensor:
+    """`pooled_features` of every image, streamed in batches: (N, sum C) float32."""
+    vectors = []
+    with make_progress() as progress, torch.inference_mode():
         task = progress.add_task(description, total=len(images), info="")
         for batch in iter_batches(images, image_size, batch_size):
-            chunks.append(pooled_features(backbone(batch.pixels)).float().numpy())
+            vectors.append(pooled_features(extractor(batch.pixels)))
             progress.advance(task, len(batch.sizes))
-    return np.concatenate(chunks).astype(np.float32, copy=False)
+    return torch.cat(vectors)

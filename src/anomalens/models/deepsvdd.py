@@ -23,12 +23,13 @@ from torch import nn
 
 from anomalens.backbones import (
     DEFAULT_BACKBONE,
+    IMAGE_LEVEL_STRIDES,
     Backbone,
     backbone_tensors,
-    image_layers,
+    layers_with_strides,
     restore_backbone,
 )
-from anomalens.features import extract_pooled_features, pooled_features
+from anomalens.features import pooled_dataset_features, pooled_features
 from anomalens.models.base import Detector
 from anomalens.nets import ConvEncoder
 from anomalens.preprocessing import ImageLike, load_resized
@@ -95,20 +96,21 @@ class DeepSVDD(Detector):
 
     def _build(self, weights: str) -> None:
         if self.pretrained:
-            self.backbone_ = Backbone(self.backbone, image_layers(self.backbone), weights)
-            self.network_ = projection_head(sum(self.backbone_.channels), self.rep_dim).eval()
+            layers = layers_with_strides(self.backbone, IMAGE_LEVEL_STRIDES)
+            self._set_backbone(Backbone(self.backbone, layers, weights))
         else:
             self.network_ = ConvEncoder(
                 self.rep_dim, self.width, bias=False, input_size=self.image_size
             ).eval()
 
+    def _set_backbone(self, backbone: Backbone) -> None:
+        self.backbone_ = backbone
+        self.network_ = projection_head(sum(backbone.channels), self.rep_dim).eval()
+
     def _inputs(self, images: list[ImageLike]) -> torch.Tensor:
         """What the trained network reads: pooled backbone features, or uint8 pixels."""
         if self.pretrained:
-            features = extract_pooled_features(
-                self.backbone_, images, self.image_size, self.batch_size
-            )
-            return torch.from_numpy(features)
+            return pooled_dataset_features(self.backbone_, images, self.image_size, self.batch_size)
         return load_resized(images, self.image_size)
 
     # ---- fit ---------------------------------------------------------------------------------
@@ -165,8 +167,8 @@ class DeepSVDD(Detector):
 
     def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
         if self.pretrained:
-            self.backbone_ = restore_backbone(self.backbone, image_layers(self.backbone), tensors)
-            self.network_ = projection_head(sum(self.backbone_.channels), self.rep_dim).eval()
+            layers = layers_with_strides(self.backbone, IMAGE_LEVEL_STRIDES)
+            self._set_backbone(restore_backbone(self.backbone, layers, tensors))
         else:
             self._build("random")
         state = {k[len("network.") :]: v for k, v in tensors.items() if k.startswith("network.")}

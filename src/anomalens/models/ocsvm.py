@@ -28,12 +28,13 @@ from sklearn.svm import OneClassSVM as _SklearnOneClassSVM
 
 from anomalens.backbones import (
     DEFAULT_BACKBONE,
+    IMAGE_LEVEL_STRIDES,
     Backbone,
     backbone_tensors,
-    image_layers,
+    layers_with_strides,
     restore_backbone,
 )
-from anomalens.features import extract_pooled_features, pooled_features
+from anomalens.features import pooled_dataset_features, pooled_features
 from anomalens.models.base import Detector
 from anomalens.neighbors import NearestNeighbors
 from anomalens.preprocessing import ImageLike
@@ -103,10 +104,14 @@ class OneClassSVM(Detector):
     def _fit(self, images: list[ImageLike]) -> None:
         if not 0 < self.nu <= 1:
             raise ValueError(f"nu must be in (0, 1], got {self.nu}")
-        layers = tuple(self.layers) if self.layers else image_layers(self.backbone)
+        layers = (
+            tuple(self.layers)
+            if self.layers
+            else layers_with_strides(self.backbone, IMAGE_LEVEL_STRIDES)
+        )
         self.backbone_ = Backbone(self.backbone, layers, self.weights)
         self.layers = list(self.backbone_.layers)
-        raw = extract_pooled_features(self.backbone_, images, self.image_size, self.batch_size)
+        raw = pooled_dataset_features(self.backbone_, images, self.image_size, self.batch_size)
         features = self._features(raw).numpy()
         if self.gamma == "nn":
             gamma: float | str = nearest_neighbour_gamma(features)
