@@ -185,3 +185,27 @@ def test_ocsvm_scores_match_scikit_learn() -> None:
         -model.gamma_ * ((features[:, None] - svm.support_vectors_[None]) ** 2).sum(-1)
     ) @ model.dual_coef_.numpy().astype(np.float64)
     assert np.allclose(model.decision_function(normal), -reference, rtol=1e-4)
+
+
+# ---- command line ------------------------------------------------------------------------------
+def test_image_level_model_on_the_command_line(brick: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from anomalens.cli import app
+
+    runner = CliRunner()
+    model = tmp_path / "ocsvm.safetensors"
+    fitted = runner.invoke(
+        app, ["fit", str(brick), "-o", str(model), "--model", "ocsvm", "--image-size", "64"]
+    )
+    assert fitted.exit_code == 0, fitted.output
+    out = tmp_path / "predicted"
+    good = brick / "test" / "good"
+    predicted = runner.invoke(app, ["predict", str(model), str(good), "--out", str(out)])
+    assert predicted.exit_code == 0, predicted.output
+    rows = (out / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(list(good.iterdir())) and not list(out.glob("*_overlay.png"))
+    report = tmp_path / "report"
+    evaluated = runner.invoke(app, ["evaluate", str(model), str(brick), "--out", str(report)])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert (report / "index.html").is_file() and "n/a" in evaluated.output
