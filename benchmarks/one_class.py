@@ -111,12 +111,21 @@ def one_class(args: argparse.Namespace, params: dict[str, Any], report: dict) ->
 
 
 def mvtec(args: argparse.Namespace, params: dict[str, Any], report: dict) -> None:
-    _, evaluation = fit_and_evaluate(args.model, args.data, **params)
+    detector, evaluation = fit_and_evaluate(args.model, args.data, **params)
     metrics = evaluation.metrics
+    if hasattr(detector, "recognition_accuracy"):  # rotnet: can it tell the transformations?
+        good = [s.path for s in evaluation.samples if s.label == 0]
+        metrics["recognition_accuracy_normal"] = detector.recognition_accuracy(good)
+        metrics["transformations"] = len(detector.transformations_)
     report.update(protocol="mvtec", metrics=metrics)
     print(
         f"{args.data.name}: image AUROC {metrics['image_auroc']:.4f}  fit {metrics['fit_s']:.1f}s"
         f"  predict {metrics['predict_ms_per_image']:.1f} ms/image"
+        + "".join(
+            f"  {key} {metrics[key]:.3f}"
+            for key in ("recognition_accuracy_normal",)
+            if key in metrics
+        )
     )
 
 

@@ -13,13 +13,15 @@ NeurIPS 2018).
 
 An image is normal when the network can recognise how it was transformed, which needs the
 features it learned from normal images. Known weakness: rotation-symmetric objects (a bottle or a
-bolt seen from above, round textures) look the same under every rotation, so the rotation task is
-unlearnable from them and gives no signal; use flips/translations only (`rotations=1`) or a
-feature-based method for such data. Translations are detectable from the image border alone on a
-uniform background, so they carry little information on centred objects.
+bolt seen from above, round textures) look the same under every rotation (and mirror-symmetric ones
+under every flip), so the task is unlearnable from them and the scores carry little information.
+`recognition_accuracy(normal_images)` near 1/k shows it; use a feature-based method for such data.
 
-Defaults: rotations x flips (8 transformations, a 9th of the paper's cost on CPU) with the small
-`ConvEncoder` instead of the paper's Wide-ResNet 16-8; `translation=0.25` restores all 72.
+Defaults: rotations x flips (k = 8, a ninth of the paper's cost on a CPU; `translation=0.25` gives
+the paper's 72), the small `ConvEncoder` (width 16, about 0.1 M weights) instead of the paper's
+Wide-ResNet 16-8, Adam at 1e-3. On held-out Fashion-MNIST *training* images a width of 32 scored
+the same as 16 at three times the cost, and the Dirichlet score beat the simple one by 0.02-0.09
+AUROC on every class tried.
 """
 
 from __future__ import annotations
