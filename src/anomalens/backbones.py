@@ -20,6 +20,9 @@ from anomalens.errors import WeightsError
 from anomalens.handcrafted import HANDCRAFTED, HandcraftedFeatures, handcrafted_levels
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+IMAGE_LEVEL_STRIDES = (16, 32)
+"""Strides of the stages whose pooled features describe a whole image (the deepest, most semantic
+ones; patch methods use 8 and 16)."""
 
 
 @dataclass(frozen=True)

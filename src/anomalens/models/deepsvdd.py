@@ -1,0 +1,176 @@
+"""Deep SVDD (Ruff et al., "Deep One-Class Classification", ICML 2018).
+
+A network phi is trained on normal images to map them close to a fixed centre c, minimising the
+mean squared distance ||phi(x) - c||^2 (the "one-class" objective, eq. 4) plus weight decay; the
+anomaly score is ||phi(x) - c||^2. Following sec. 3.3 the network has no bias terms and no
+bounded activations, and c is the mean of phi over the training images before training (fixed,
+with coordinates near zero pushed to +-0.1), so phi cannot collapse onto c trivially.
+
+Two networks:
+- `pretrained=False` (the paper): a small CNN (`ConvEncoder`, bias-free, batch norm without
+  affine parameters) trained from random initialisation. The paper first pretrains it as an
+  autoencoder; that step is left out here (it roughly doubles the training cost on a CPU).
+- `pretrained=True`: start from the ImageNet backbone: its pooled features of the two deepest
+  stages (frozen, computed once) followed by a trained bias-free two-layer head. On small data
+  sets and CPUs this is much cheaper and usually stronger than a CNN learned from scratch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from anomalens.backbones import (
+    DEFAULT_BACKBONE,
+    IMAGE_LEVEL_STRIDES,
+    Backbone,
+    backbone_tensors,
+    layers_with_strides,
+    restore_backbone,
+)
+from anomalens.features import pooled_dataset_features, pooled_features
+from anomalens.models.base import Detector
+from anomalens.nets import ConvEncoder
+from anomalens.preprocessing import ImageLike, load_resized
+from anomalens.registry import register
+from anomalens.training import optimizer_step, train
+
+
+def projection_head(in_features: int, out_features: int) -> nn.Sequential:
+    """Bias-free two-layer head for the pretrained variant."""
+    hidden = max(out_features, min(512, in_features))
+    return nn.Sequential(
+        nn.Linear(in_features, hidden, bias=False),
+        nn.LeakyReLU(0.1),
+        nn.Linear(hidden, out_features, bias=False),
+    )
+
+
+@register
+class DeepSVDD(Detector):
+    """Score = squared distance of a learned representation to the centre of the normal data."""
+
+    name = "deepsvdd"
+    produces_maps = False
+
+    def __init__(
+        self,
+        pretrained: bool = False,
+        backbone: str = DEFAULT_BACKBONE,
+        weights: str = "auto",
+        rep_dim: int = 64,
+        width: int = 16,
+        max_epochs: int = 30,
+        time_budget_s: float | None = None,
+        learning_rate: float = 1e-4,
+        weight_decay: float = 1e-6,
+        *,
+        image_size: int = 64,
+        target_fpr: float = 0.01,
+        pixel_target_fpr: float = 0.001,
+        validation_fraction: float = 0.1,
+        batch_size: int = 64,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            image_size=image_size,
+            target_fpr=target_fpr,
+            pixel_target_fpr=pixel_target_fpr,
+            validation_fraction=validation_fraction,
+            batch_size=batch_size,
+            seed=seed,
+        )
+        self.pretrained = pretrained
+        self.backbone = backbone
+        self.weights = weights
+        self.rep_dim = rep_dim
+        self.width = width
+        self.max_epochs = max_epochs
+        self.time_budget_s = time_budget_s
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+
+    def get_params(self) -> dict:
+        return {**super().get_params(), "weights": str(self.weights)}
+
+    def _build(self, weights: str) -> None:
+        if self.pretrained:
+            layers = layers_with_strides(self.backbone, IMAGE_LEVEL_STRIDES)
+            self._set_backbone(Backbone(self.backbone, layers, weights))
+        else:
+            self.network_ = ConvEncoder(
+                self.rep_dim, self.width, bias=False, input_size=self.image_size
+            ).eval()
+
+    def _set_backbone(self, backbone: Backbone) -> None:
+        self.backbone_ = backbone
+        self.network_ = projection_head(sum(backbone.channels), self.rep_dim).eval()
+
+    def _inputs(self, images: list[ImageLike]) -> torch.Tensor:
+        """What the trained network reads: pooled backbone features, or uint8 pixels."""
+        if self.pretrained:
+            return pooled_dataset_features(self.backbone_, images, self.image_size, self.batch_size)
+        return load_resized(images, self.image_size)
+
+    # ---- fit ---------------------------------------------------------------------------------
+    def _fit(self, images: list[ImageLike]) -> None:
+        self._build(self.weights)
+        data = self._inputs(images)
+        self.center_ = self._initial_center(data)
+        optimizer = torch.optim.Adam(
+            self.network_.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay
+        )
+
+        def loss(batch: torch.Tensor) -> torch.Tensor:
+            return (self.network_(batch) - self.center_).square().sum(dim=1).mean()
+
+        self.history_ = train(
+            optimizer_step(loss, optimizer),
+            data,
+            modules=[self.network_],
+            max_epochs=self.max_epochs,
+            time_budget_s=self.time_budget_s,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            description="deepsvdd",
+        )
+
+    @torch.inference_mode()
+    def _initial_center(self, data: torch.Tensor, eps: float = 0.1) -> torch.Tensor:
+        """Mean of phi over the training data (network in train mode, as during training)."""
+        self.network_.train()
+        total = torch.zeros(self.rep_dim)
+        for start in range(0, len(data), self.batch_size):
+            batch = data[start : start + self.batch_size]
+            if batch.dtype == torch.uint8:
+                batch = batch.float() / 255.0
+            total += self.network_(batch).sum(dim=0)
+        self.network_.eval()
+        center = total / len(data)
+        small = center.abs() < eps
+        center[small] = torch.where(center[small] < 0, -eps, eps)
+        return center.clone()
+
+    # ---- score -------------------------------------------------------------------------------
+    def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, None]:
+        inputs = pooled_features(self.backbone_(pixels)) if self.pretrained else pixels
+        return (self.network_(inputs) - self.center_).square().sum(dim=1).numpy(), None
+
+    # ---- persistence -------------------------------------------------------------------------
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {f"network.{k}": v for k, v in self.network_.state_dict().items()}
+        tensors["center"] = self.center_
+        if self.pretrained:
+            tensors.update(backbone_tensors(self.backbone_))
+        return tensors
+
+    def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.pretrained:
+            layers = layers_with_strides(self.backbone, IMAGE_LEVEL_STRIDES)
+            self._set_backbone(restore_backbone(self.backbone, layers, tensors))
+        else:
+            self._build("random")
+        state = {k[len("network.") :]: v for k, v in tensors.items() if k.startswith("network.")}
+        self.network_.load_state_dict(state, strict=True)
+        self.center_ = tensors["center"].float()
