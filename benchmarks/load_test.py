@@ -104,7 +104,9 @@ async def load(url: str, images: list[bytes], clients: int, requests: int, limit
         "seconds": elapsed,
         "throughput_rps": len(latencies) / elapsed,
         "p50_ms": 1000 * statistics.median(ordered),
+        "p90_ms": 1000 * ordered[min(len(ordered) - 1, int(0.90 * len(ordered)))],
         "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+        "max_ms": 1000 * ordered[-1],
     }
 
 
