@@ -35,6 +35,12 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
         planes = F.pad(planes, (radius - pad_x,) * 2 + (radius - pad_y,) * 2, mode="replicate")
     else:
         planes = F.pad(planes, (radius, radius, radius, radius), mode="reflect")
+    if torch.compiler.is_exporting():
+        # ONNX needs a fixed group count; the batch size of an exported graph is dynamic.
+        planes = planes.reshape(-1, 1, *planes.shape[-2:])
+        planes = F.conv2d(planes, kernel.view(1, 1, 1, -1))
+        planes = F.conv2d(planes, kernel.view(1, 1, -1, 1))
+        return planes.reshape(shape)
     count = planes.shape[1]
     planes = F.conv2d(planes, kernel.view(1, 1, 1, -1).expand(count, 1, 1, -1), groups=count)
     planes = F.conv2d(planes, kernel.view(1, 1, -1, 1).expand(count, 1, -1, 1), groups=count)
