@@ -187,6 +187,22 @@ def test_ocsvm_scores_match_scikit_learn() -> None:
     assert np.allclose(model.decision_function(normal), -reference, rtol=1e-4)
 
 
+# ---- all three -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        ("ocsvm", {"image_size": 64}),
+        ("deepsvdd", {"image_size": SIZE, "max_epochs": 2}),
+        ("deepsvdd", {"image_size": 64, "max_epochs": 2, "pretrained": True}),
+    ],
+)
+def test_same_seed_same_scores(name: str, params: dict) -> None:
+    images, tests = textures("brick", 8, seed=0), textures("grass", 3, seed=1)
+    first, second = (anomalens.create(name, seed=7, **params).fit(images) for _ in range(2))
+    assert first.image_threshold_ == second.image_threshold_
+    assert np.array_equal(first.decision_function(tests), second.decision_function(tests))
+
+
 # ---- command line ------------------------------------------------------------------------------
 def test_image_level_model_on_the_command_line(brick: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
