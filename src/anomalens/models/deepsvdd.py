@@ -7,12 +7,13 @@ bounded activations, and c is the mean of phi over the training images before tr
 with coordinates near zero pushed to +-0.1), so phi cannot collapse onto c trivially.
 
 Two networks:
-- `pretrained=False` (the paper): a small CNN (`ConvEncoder`, bias-free, batch norm without
-  affine parameters) trained from random initialisation. The paper first pretrains it as an
-  autoencoder; that step is left out here (it roughly doubles the training cost on a CPU).
+- `pretrained=False` (the paper): a small CNN (`ConvEncoder` with its final map flattened, as
+  the paper's LeNet-style networks do, bias-free, batch norm without affine parameters) trained
+  from random initialisation. The paper first pretrains it as an autoencoder; that step is left
+  out here (it roughly doubles the training cost on a CPU).
 - `pretrained=True`: start from the ImageNet backbone: its pooled features of the two deepest
-  stages (frozen, computed once) followed by a trained bias-free two-layer head. On small data
-  sets and CPUs this is much cheaper and usually stronger than a CNN learned from scratch.
+  stages (frozen and computed once, so training is cheap on a CPU) followed by a trained
+  bias-free two-layer head.
 """
 
 from __future__ import annotations

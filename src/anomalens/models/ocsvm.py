@@ -114,13 +114,14 @@ class OneClassSVM(Detector):
         raw = pooled_dataset_features(self.backbone_, images, self.image_size, self.batch_size)
         features = self._features(raw).numpy()
         if self.gamma == "nn":
-            gamma: float | str = nearest_neighbour_gamma(features)
-        elif self.gamma == "scale" or isinstance(self.gamma, int | float):
-            gamma = self.gamma
+            self.gamma_ = nearest_neighbour_gamma(features)
+        elif self.gamma == "scale":  # scikit-learn's default
+            self.gamma_ = 1.0 / (features.shape[1] * float(features.var()))
+        elif isinstance(self.gamma, int | float) and self.gamma > 0:
+            self.gamma_ = float(self.gamma)
         else:
-            raise ValueError(f"gamma must be 'nn', 'scale' or a number, got {self.gamma!r}")
-        svm = _SklearnOneClassSVM(kernel="rbf", nu=self.nu, gamma=gamma).fit(features)
-        self.gamma_ = float(svm._gamma)
+            raise ValueError(f"gamma must be 'nn', 'scale' or a number > 0, got {self.gamma!r}")
+        svm = _SklearnOneClassSVM(kernel="rbf", nu=self.nu, gamma=self.gamma_).fit(features)
         self.support_vectors_ = torch.from_numpy(svm.support_vectors_.astype(np.float32))
         self.dual_coef_ = torch.from_numpy(svm.dual_coef_[0].astype(np.float32))
 
