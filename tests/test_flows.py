@@ -85,6 +85,20 @@ def test_positional_encoding_tells_positions_apart() -> None:
         positional_encoding(6, 2, 2)
 
 
+@pytest.mark.parametrize(
+    ("name", "params", "field"),
+    [
+        ("fastflow", {"flow_steps": 0}, "flow_steps"),
+        ("fastflow", {"clamp": -1.0}, "clamp"),
+        ("cflow", {"condition_dims": 6}, "condition_dims"),
+    ],
+)
+def test_bad_parameters_are_clear_errors(name: str, params: dict, field: str) -> None:
+    images = [np.zeros((32, 32, 3), np.uint8)] * 2
+    with pytest.raises(anomalens.AnomalensError, match=field):
+        anomalens.create(name, weights="random", **params).fit(images)
+
+
 def test_detects_synthetic_defects(fitted_flow, brick: Path) -> None:
     samples = test_samples(brick)
     predictions = fitted_flow.predict([s.path for s in samples])

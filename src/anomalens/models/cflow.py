@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from anomalens.backbones import DEFAULT_BACKBONE
+from anomalens.errors import AnomalensError
 from anomalens.flows import build_flow, positional_encoding, zero_last_layer
 from anomalens.models.flow_detector import FlowDetector
 from anomalens.registry import register
@@ -78,6 +79,11 @@ class CFlow(FlowDetector):
         self.condition_dims = condition_dims
 
     def _build_flow(self, level: int, channels: int, generator: torch.Generator) -> nn.Module:
+        if self.condition_dims < 4 or self.condition_dims % 4:
+            raise AnomalensError(
+                f"condition_dims must be a positive multiple of 4, got {self.condition_dims}"
+            )
+
         def subnet(step: int, inputs: int, outputs: int) -> nn.Module:
             width = inputs + self.condition_dims
             return zero_last_layer(

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from anomalens.backbones import DEFAULT_BACKBONE, Backbone
+from anomalens.errors import AnomalensError
 from anomalens.features import backbone_features
 from anomalens.flows import gaussian_nll, nll_to_map
 from anomalens.models.base import Detector
@@ -82,7 +83,7 @@ class FlowDetector(Detector):
     # ---- shared ---------------------------------------------------------------------------------
     def _build(self, weights: str | Path) -> None:
         if self.flow_steps < 1 or self.clamp <= 0:
-            raise ValueError(
+            raise AnomalensError(
                 f"flow_steps must be >= 1 and clamp > 0, got {self.flow_steps} and {self.clamp}"
             )
         self.backbone_ = Backbone(
