@@ -187,7 +187,7 @@ def benchmark_row(
 ) -> dict[str, Any]:
     """Fit, evaluate and time one model on one dataset (call in a fresh process for honest
     memory figures); writes curves and example maps to ``detail.npz``."""
-    from anomalens.data.mvtec import load_sample_mask, training_images
+    from anomalens.data.mvtec import training_images
     from anomalens.evaluation import evaluate
     from anomalens.registry import create
 
@@ -223,13 +223,26 @@ def benchmark_row(
         row.update(batch1_speed(detector, [s.path for s in evaluation.samples], speed_repeats))
     row["params"] = detector.get_params()
 
+    arrays, row["examples"] = _curves_and_examples(detector, evaluation, examples)
+    row["image_threshold"] = detector.image_threshold_
+    row["pixel_threshold"] = detector.pixel_threshold_
+    np.savez_compressed(detail.with_suffix(".npz"), **arrays)
+    return row
+
+
+def _curves_and_examples(
+    detector: Any, evaluation: Any, examples: int
+) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+    """Labels and scores (for ROC curves), the PRO curve on a regular FPR grid, and the
+    `examples` highest-scored normal and lowest-scored anomalous images with their maps."""
+    from anomalens.data.mvtec import load_sample_mask
+    from anomalens.metrics import pro_curve
+
     samples, predictions = evaluation.samples, evaluation.predictions
     labels = np.array([s.label for s in samples])
     scores = np.array([p.score for p in predictions])
     arrays: dict[str, np.ndarray] = {"labels": labels, "scores": scores}
     if detector.produces_maps:
-        from anomalens.metrics import pro_curve
-
         masks = [
             load_sample_mask(s, p.anomaly_map.shape)
             for s, p in zip(samples, predictions, strict=True)
@@ -247,10 +260,10 @@ def benchmark_row(
         *normal[np.argsort(-scores[normal], kind="stable")][:examples],
         *anomalous[np.argsort(scores[anomalous], kind="stable")][:examples],
     ]
-    row["examples"] = []
+    shown = []
     for n, index in enumerate(chosen):
         sample, prediction = samples[index], predictions[index]
-        row["examples"].append(
+        shown.append(
             {
                 "path": str(sample.path),
                 "label": sample.label,
@@ -261,10 +274,7 @@ def benchmark_row(
         )
         if prediction.anomaly_map is not None:
             arrays[f"map{n}"] = _shrink(prediction.anomaly_map).astype(np.float32)
-    row["image_threshold"] = detector.image_threshold_
-    row["pixel_threshold"] = detector.pixel_threshold_
-    np.savez_compressed(detail.with_suffix(".npz"), **arrays)
-    return row
+    return arrays, shown
 
 
 def _shrink(array: np.ndarray, side: int = 256) -> np.ndarray:
@@ -272,40 +282,67 @@ def _shrink(array: np.ndarray, side: int = 256) -> np.ndarray:
     return array[::step, ::step]
 
 
-def batch1_speed(detector: Any, images: Sequence[Any], repeats: int = 20) -> dict[str, Any]:
-    """Median ms of ``predict([image])`` for one image already at the model's input size, and of
-    the model's backbone forward on the same tensor, interleaved (the machine may be shared, so
-    only the ratio within one run is meaningful). Backbone figures are None without `backbone_`.
-    """
+def interleaved_speed(
+    detectors: dict[str, Any], images: Sequence[Any], repeats: int = 20, batch_size: int = 1
+) -> dict[str, dict[str, Any]]:
+    """Per detector: median ms per image of ``predict`` on `batch_size` images already at its
+    input size, and of its backbone's forward on the same tensor (None without `backbone_`).
+    All calls are interleaved in one loop, so every detector and backbone sees the same machine
+    load: on a shared machine only ratios within one run are meaningful."""
     from anomalens.data.io import to_rgb_array
     from anomalens.preprocessing import resize_to_tensor
 
-    size = detector.image_size
-    tensors = [resize_to_tensor([to_rgb_array(image)], size) for image in images[:repeats]]
-    arrays = [(t[0].permute(1, 2, 0) * 255).round().byte().numpy() for t in tensors]
-    backbone = getattr(detector, "backbone_", None)
-    predict_ms: list[float] = []
-    backbone_ms: list[float] = []
-    with torch.inference_mode():
-        for array, tensor in zip(arrays[:5], tensors[:5], strict=True):
-            detector.predict([array])
-            if backbone is not None:
-                backbone(tensor)
-        for array, tensor in zip(arrays, tensors, strict=True):
-            if backbone is not None:
-                started = time.perf_counter()
-                backbone(tensor)
-                backbone_ms.append(1000 * (time.perf_counter() - started))
+    count = min(len(images), repeats * batch_size)
+    loaded = [to_rgb_array(image) for image in images[:count]]
+    batches = [loaded[i : i + batch_size] for i in range(0, count - batch_size + 1, batch_size)]
+    inputs = {}
+    for name, detector in detectors.items():
+        tensors = [resize_to_tensor(batch, detector.image_size) for batch in batches]
+        arrays = [list((t.permute(0, 2, 3, 1) * 255).round().byte().numpy()) for t in tensors]
+        inputs[name] = list(zip(arrays, tensors, strict=True))
+    times: dict[str, dict[str, list[float]]] = {n: {"predict": [], "backbone": []} for n in inputs}
+
+    def run(name: str, arrays: list[np.ndarray], tensor: torch.Tensor, record: bool) -> None:
+        detector = detectors[name]
+        backbone = getattr(detector, "backbone_", None)
+        if backbone is not None:
             started = time.perf_counter()
-            detector.predict([array])
-            predict_ms.append(1000 * (time.perf_counter() - started))
-    predict = statistics.median(predict_ms)
-    forward = statistics.median(backbone_ms) if backbone_ms else None
+            backbone(tensor)
+            if record:
+                times[name]["backbone"].append(1000 * (time.perf_counter() - started) / len(arrays))
+        started = time.perf_counter()
+        detector.predict(arrays)
+        if record:
+            times[name]["predict"].append(1000 * (time.perf_counter() - started) / len(arrays))
+
+    with torch.inference_mode():
+        for step in range(len(batches) + min(5, len(batches))):
+            for name in inputs:
+                arrays, tensor = inputs[name][step % len(batches)]
+                run(name, arrays, tensor, record=step >= min(5, len(batches)))
+    results = {}
+    for name, measured in times.items():
+        predict = statistics.median(measured["predict"])
+        forward = statistics.median(measured["backbone"]) if measured["backbone"] else None
+        results[name] = {
+            "predict_ms": predict,
+            "backbone_ms": forward,
+            "predict_backbone_ratio": predict / forward if forward else None,
+            "repeats": len(measured["predict"]),
+            "batch_size": batch_size,
+        }
+    return results
+
+
+def batch1_speed(detector: Any, images: Sequence[Any], repeats: int = 20) -> dict[str, Any]:
+    """`interleaved_speed` of one detector at batch 1: predict_ms_batch1, backbone_ms_batch1,
+    predict_backbone_ratio and speed_repeats."""
+    speed = interleaved_speed({"model": detector}, images, repeats, 1)["model"]
     return {
-        "predict_ms_batch1": predict,
-        "backbone_ms_batch1": forward,
-        "predict_backbone_ratio": predict / forward if forward else None,
-        "speed_repeats": len(arrays),
+        "predict_ms_batch1": speed["predict_ms"],
+        "backbone_ms_batch1": speed["backbone_ms"],
+        "predict_backbone_ratio": speed["predict_backbone_ratio"],
+        "speed_repeats": speed["repeats"],
     }
 
 

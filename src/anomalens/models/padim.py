@@ -142,7 +142,7 @@ class PaDiM(Detector):
         with make_progress() as progress, torch.inference_mode():
             task = progress.add_task("features", total=len(images), info="")
             for batch in iter_batches(images, self.image_size, self.batch_size):
-                embedding = self._embed(batch.pixels).transpose(0, 1)  # (P, B, d)
+                embedding = self._embed(batch.pixels).transpose(0, 1).contiguous()  # (P, B, d)
                 if shift is None:
                     shift = embedding.mean(dim=1, keepdim=True)
                     total = torch.zeros_like(shift[:, 0])
@@ -175,7 +175,8 @@ class PaDiM(Detector):
     # ---- score -------------------------------------------------------------------------------
     def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         embedding = self._embed(pixels)  # (B, P, d)
-        centred = (embedding - self.mean_).transpose(0, 1)  # (P, B, d)
+        # Contiguous (P, B, d): bmm on the channel-major view is ~5x slower.
+        centred = (embedding - self.mean_).transpose(0, 1).contiguous()
         squared = (torch.bmm(centred, self.precision_) * centred).sum(dim=-1).clamp_min_(0.0)
         maps = squared.sqrt_().transpose(0, 1).reshape(-1, 1, *self.grid_)
         maps = resize_maps(maps, (self.image_size, self.image_size))
