@@ -29,6 +29,7 @@ from anomalens.backbones import (
     create_backbone,
     restore_backbone,
 )
+from anomalens.errors import ParameterError
 from anomalens.features import aggregate_patches, flatten_patches
 from anomalens.models.base import Detector
 from anomalens.neighbors import NearestNeighbors, greedy_coreset, nearest_by_matmul
@@ -94,7 +95,7 @@ class PatchCore(Detector):
     # ---- fit ---------------------------------------------------------------------------------
     def _fit(self, images: list[ImageLike]) -> None:
         if not 0 < self.coreset_ratio <= 1:
-            raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+            raise ParameterError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
         self.backbone_ = create_backbone(self.backbone, self.layers, self.weights)
         self.layers = list(self.backbone_.layers)
         bank: np.ndarray | None = None
