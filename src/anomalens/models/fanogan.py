@@ -59,7 +59,7 @@ class FAnoGAN(TrainedDetector):
         residual: str = "l1",
         smoothing_sigma: float = 1.0,
         augment: str = "shift,brightness",
-        max_epochs: int = 300,
+        max_epochs: int = 200,
         encoder_epochs: int = 100,
         time_budget_s: float | None = 420.0,
         gan_budget_fraction: float = 0.75,
