@@ -50,6 +50,8 @@ SMALL_IMAGE_PARAMS: dict[str, dict[str, Any]] = {
     "rotnet": {"image_size": 32},
     "deepsvdd": {"image_size": 32},
     "ocsvm": {"image_size": 96},
+    "knn": {"image_size": 96},
+    "gaussian": {"image_size": 96},
     "patchcore": {"image_size": 96},
 }
 """Input sizes for 28x28 images: small CNNs at about native size, pretrained networks upsized."""
