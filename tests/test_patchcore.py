@@ -25,6 +25,16 @@ def test_registry_lists_and_creates_patchcore() -> None:
         anomalens.create("patchcore", coreset=0.1)
 
 
+@pytest.mark.parametrize("name", anomalens.list_models())
+def test_every_model_round_trips_its_parameters(name: str) -> None:
+    model = anomalens.create(name)
+    params = model.get_params()
+    assert params, f"{name} exposes no parameters"
+    assert anomalens.create(name, **params).get_params() == params
+    assert not [key for key in vars(model) if key.endswith("_")], "constructor must not fit"
+    assert repr(model).startswith(type(model).__name__ + "(")
+
+
 def test_predict_before_fit_is_a_clear_error() -> None:
     with pytest.raises(NotFittedError, match="fit"):
         anomalens.create("patchcore").predict([np.zeros((32, 32, 3), np.uint8)])

@@ -56,16 +56,13 @@ class Detector:
 
     @classmethod
     def param_names(cls) -> list[str]:
-        names: list[str] = []
-        for klass in cls.__mro__:
-            if "__init__" in vars(klass):
-                for parameter in inspect.signature(klass.__init__).parameters.values():
-                    if parameter.name != "self" and parameter.kind not in (
-                        parameter.VAR_KEYWORD,
-                        parameter.VAR_POSITIONAL,
-                    ):
-                        names.append(parameter.name)
-        return list(dict.fromkeys(names))
+        """The constructor's parameter names, as scikit-learn reads them from the signature."""
+        return [
+            parameter.name
+            for parameter in inspect.signature(cls.__init__).parameters.values()
+            if parameter.name != "self"
+            and parameter.kind not in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL)
+        ]
 
     def get_params(self) -> dict[str, Any]:
         """Constructor parameters, as scikit-learn's `get_params`."""

@@ -7,7 +7,7 @@ bounded activations, and c is the mean of phi over the training images before tr
 with coordinates near zero pushed to +-0.1), so phi cannot collapse onto c trivially.
 
 Two networks:
-- `pretrained=False` (the paper): a small CNN (`ConvEncoder` with its final map flattened, as
+- `pretrained=False` (the paper): a small CNN (`ConvEmbedder` with its final map flattened, as
   the paper's LeNet-style networks do, bias-free, batch norm without affine parameters) trained
   from random initialisation. The paper first pretrains it as an autoencoder; that step is left
   out here (it roughly doubles the training cost on a CPU).
@@ -32,7 +32,7 @@ from anomalens.backbones import (
 )
 from anomalens.features import pooled_dataset_features, pooled_features
 from anomalens.models.base import Detector
-from anomalens.nets import ConvEncoder
+from anomalens.networks import ConvEmbedder, load_module_tensors, module_tensors
 from anomalens.preprocessing import ImageLike, load_resized
 from anomalens.registry import register
 from anomalens.training import optimizer_step, train
@@ -100,7 +100,7 @@ class DeepSVDD(Detector):
             layers = layers_with_strides(self.backbone, IMAGE_LEVEL_STRIDES)
             self._set_backbone(Backbone(self.backbone, layers, weights))
         else:
-            self.network_ = ConvEncoder(
+            self.network_ = ConvEmbedder(
                 self.rep_dim, self.width, bias=False, input_size=self.image_size
             ).eval()
 
@@ -160,7 +160,7 @@ class DeepSVDD(Detector):
 
     # ---- persistence -------------------------------------------------------------------------
     def _tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {f"network.{k}": v for k, v in self.network_.state_dict().items()}
+        tensors = module_tensors("network", self.network_)
         tensors["center"] = self.center_
         if self.pretrained:
             tensors.update(backbone_tensors(self.backbone_))
@@ -172,6 +172,5 @@ class DeepSVDD(Detector):
             self._set_backbone(restore_backbone(self.backbone, layers, tensors))
         else:
             self._build("random")
-        state = {k[len("network.") :]: v for k, v in tensors.items() if k.startswith("network.")}
-        self.network_.load_state_dict(state, strict=True)
+        load_module_tensors(self.network_, tensors, "network")
         self.center_ = tensors["center"].float()

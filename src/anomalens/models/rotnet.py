@@ -23,7 +23,7 @@ against 0.998 for the feature-based `ocsvm` (benchmarks/RESULTS.md). Prefer a fe
 method for such objects.
 
 Defaults: rotations x flips (k = 8, a ninth of the paper's cost on a CPU; `translation=0.25` gives
-the paper's 72), the small `ConvEncoder` (width 16, about 0.1 M weights) instead of the paper's
+the paper's 72), the small `ConvEmbedder` (width 16, about 0.1 M weights) instead of the paper's
 Wide-ResNet 16-8, Adam at 1e-3. On held-out Fashion-MNIST *training* images a width of 32 scored
 the same as 16 at three times the cost, and the Dirichlet score beat the simple one by 0.02-0.09
 AUROC on every class tried.
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from scipy.special import digamma, polygamma
 
 from anomalens.models.base import Detector
-from anomalens.nets import ConvEncoder
+from anomalens.networks import ConvEmbedder, load_module_tensors, module_tensors
 from anomalens.preprocessing import ImageLike, iter_batches, load_resized
 from anomalens.registry import register
 from anomalens.training import optimizer_step, train
@@ -158,7 +158,7 @@ class RotNet(Detector):
     def _build(self) -> None:
         self.transformations_ = self._transformations()
         self.shift_ = max(1, round(self.translation * self.image_size))
-        self.network_ = ConvEncoder(len(self.transformations_), self.width).eval()
+        self.network_ = ConvEmbedder(len(self.transformations_), self.width).eval()
 
     def _all_transformed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (k * B, 3, S, S), transformation-major."""
@@ -232,12 +232,11 @@ class RotNet(Detector):
 
     # ---- persistence -------------------------------------------------------------------------
     def _tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {f"network.{k}": v for k, v in self.network_.state_dict().items()}
+        tensors = module_tensors("network", self.network_)
         tensors["alphas"] = self.alphas_
         return tensors
 
     def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
         self._build()
-        state = {k[len("network.") :]: v for k, v in tensors.items() if k.startswith("network.")}
-        self.network_.load_state_dict(state, strict=True)
+        load_module_tensors(self.network_, tensors, "network")
         self.alphas_ = tensors["alphas"].to(torch.float64)
