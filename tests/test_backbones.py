@@ -58,6 +58,19 @@ def test_default_layers_are_the_stride_8_and_16_stages() -> None:
     assert [tuple(m.shape) for m in maps] == [(1, 40, 8, 8), (1, 112, 4, 4)]
 
 
+def test_blocks_after_the_deepest_layer_are_neither_run_nor_stored() -> None:
+    truncated = Backbone()
+    deeper = Backbone(layers=("blocks.2", "blocks.4", "blocks.6"))
+    assert not [
+        key for key in truncated.weight_tensors() if key.startswith(("blocks.5", "blocks.6"))
+    ]
+    assert len(truncated.weight_tensors()) < len(deeper.weight_tensors())
+    images = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        for short, full in zip(truncated(images), deeper(images)[:2], strict=True):
+            assert torch.equal(short, full)
+
+
 def test_missing_weights_fail_with_instructions(monkeypatch) -> None:
     import huggingface_hub.constants
 
