@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint format bench bench-deploy bench-reconstruction
+.PHONY: venv demo test lint format bench bench-deploy bench-reconstruction bench-flows bench-one-class
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,3 +36,11 @@ bench-deploy: $(STAMP)
 
 bench-reconstruction: $(STAMP)
 	nice -n 5 $(PY) benchmarks/reconstruction.py --json benchmarks/out/reconstruction.json
+
+bench-flows: $(STAMP)
+	$(PY) benchmarks/flows.py --tile-every 1 --json benchmarks/out/flows.json
+
+MODEL ?= gaussian
+bench-one-class: $(STAMP)
+	$(PY) benchmarks/one_class.py --model $(MODEL) --max-train 2000 --threads 2 \
+		--json benchmarks/out/one_class_$(MODEL).json

@@ -52,3 +52,9 @@ def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
     return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+
+
+def anomaly_maps(scores: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
+    """(B, 1, h, w) coarse anomaly scores -> (B, size, size) maps: bilinear upsampling, then
+    Gaussian smoothing (the post-processing of PatchCore, PaDiM and the reconstruction methods)."""
+    return gaussian_blur(resize_maps(scores, (size, size)), sigma)[:, 0]

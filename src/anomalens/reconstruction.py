@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from anomalens.errors import ParameterError
-from anomalens.ops import gaussian_blur, resize_maps
+from anomalens.ops import gaussian_blur
 
 RESIDUALS = ("l1", "l2", "ssim")
 IMAGE_SCORES = ("max", "top_k")
@@ -52,11 +52,6 @@ def residual_map(images: torch.Tensor, reconstructions: torch.Tensor, kind: str)
     difference = images - reconstructions
     error = difference.abs() if kind == "l1" else difference**2
     return error.mean(dim=1, keepdim=True)
-
-
-def anomaly_maps(residuals: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
-    """(B, 1, h, w) residuals -> (B, size, size) maps: bilinear upsampling, Gaussian smoothing."""
-    return gaussian_blur(resize_maps(residuals, (size, size)), sigma)[:, 0]
 
 
 def image_scores(maps: torch.Tensor, how: str = "max", top_k: float = 0.01) -> np.ndarray:

@@ -31,9 +31,10 @@ from anomalens.errors import ParameterError
 from anomalens.features import aggregate_patches, flatten_patches
 from anomalens.models.trained import TrainedDetector
 from anomalens.networks import load_module_tensors, module_tensors
+from anomalens.ops import anomaly_maps
 from anomalens.preprocessing import ImageLike, iter_batches
 from anomalens.progress import make_progress
-from anomalens.reconstruction import IMAGE_SCORES, anomaly_maps, check_choice, image_scores
+from anomalens.reconstruction import IMAGE_SCORES, check_choice, image_scores
 from anomalens.registry import register
 from anomalens.training import optimizer_step
 

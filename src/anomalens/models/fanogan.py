@@ -31,10 +31,10 @@ from anomalens.networks import (
     make_augmentation,
     module_tensors,
 )
+from anomalens.ops import anomaly_maps
 from anomalens.preprocessing import ImageLike, load_resized
 from anomalens.reconstruction import (
     RESIDUALS,
-    anomaly_maps,
     check_choice,
     check_positive,
     residual_map,

@@ -42,7 +42,7 @@ from anomalens.backbones import (
     restore_backbone,
 )
 from anomalens.models.base import Detector
-from anomalens.ops import gaussian_blur, resize_maps
+from anomalens.ops import anomaly_maps
 from anomalens.preprocessing import ImageLike, iter_batches
 from anomalens.progress import make_progress
 from anomalens.registry import register
@@ -180,8 +180,7 @@ class PaDiM(Detector):
         centred = (embedding - self.mean_).transpose(0, 1).contiguous()
         squared = (torch.bmm(centred, self.precision_) * centred).sum(dim=-1).clamp_min_(0.0)
         maps = squared.sqrt_().transpose(0, 1).reshape(-1, 1, *self.grid_)
-        maps = resize_maps(maps, (self.image_size, self.image_size))
-        maps = gaussian_blur(maps, self.smoothing_sigma)[:, 0]
+        maps = anomaly_maps(maps, self.image_size, self.smoothing_sigma)
         return maps.flatten(1).amax(dim=1).numpy(), maps.numpy()
 
     # ---- persistence -------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from anomalens.errors import ParameterError
 from anomalens.features import aggregate_patches, flatten_patches
 from anomalens.models.base import Detector
 from anomalens.neighbors import NearestNeighbors, greedy_coreset, nearest_by_matmul
-from anomalens.ops import gaussian_blur, resize_maps
+from anomalens.ops import anomaly_maps
 from anomalens.preprocessing import ImageLike, iter_batches
 from anomalens.progress import make_progress
 from anomalens.registry import register
@@ -159,11 +159,6 @@ class PatchCore(Detector):
         self.backbone_ = restore_backbone(self.backbone, self.layers, tensors)
         self.memory_bank_ = np.ascontiguousarray(tensors["memory_bank"].numpy(), dtype=np.float32)
         self.index_ = NearestNeighbors(self.memory_bank_)
-
-
-def anomaly_maps(patch_scores: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
-    """(B, 1, h, w) patch scores -> (B, size, size) maps: bilinear upsampling, Gaussian blur."""
-    return gaussian_blur(resize_maps(patch_scores, (size, size)), sigma)[:, 0]
 
 
 def reweighting(test_patches: torch.Tensor, support: torch.Tensor) -> torch.Tensor:

@@ -28,11 +28,11 @@ from anomalens.networks import (
     make_augmentation,
     module_tensors,
 )
+from anomalens.ops import anomaly_maps
 from anomalens.preprocessing import ImageLike, load_resized
 from anomalens.reconstruction import (
     IMAGE_SCORES,
     RESIDUALS,
-    anomaly_maps,
     check_choice,
     check_positive,
     image_scores,
