@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -133,3 +134,16 @@ def test_usage_errors_exit_2(monkeypatch, capsys) -> None:
 def test_models_lists_patchcore(monkeypatch, capsys) -> None:
     code, stdout, _ = run(monkeypatch, capsys, "models")
     assert code == 0 and "patchcore" in stdout.split()
+
+
+def test_python_dash_m_runs_the_same_command_line() -> None:
+    listed = subprocess.run(
+        [sys.executable, "-m", "anomalens", "models"], capture_output=True, text=True, check=True
+    )
+    assert "patchcore" in listed.stdout.split()
+    bad = subprocess.run(
+        [sys.executable, "-m", "anomalens", "info", "missing.safetensors"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "missing.safetensors" in bad.stderr
