@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from anomalens.errors import ParameterError
 from anomalens.ops import gaussian_blur, resize_maps
 
 LOG_2PI = math.log(2 * math.pi)
@@ -114,7 +115,7 @@ def positional_encoding(channels: int, height: int, width: int) -> torch.Tensor:
     """2D sine/cosine encoding of every position, (channels, height, width): the first half of
     the channels encodes the column, the second half the row (Vaswani et al. 2017; CFlow's 2D)."""
     if channels % 4:
-        raise ValueError(f"positional encoding needs a multiple of 4 channels, got {channels}")
+        raise ParameterError(f"positional encoding needs a multiple of 4 channels, got {channels}")
     quarter = channels // 4
     frequencies = torch.exp(torch.arange(quarter) * (-math.log(10000.0) / quarter))
     columns = torch.arange(width, dtype=torch.float32)[:, None] * frequencies

@@ -20,7 +20,7 @@ from PIL import Image
 from scipy import ndimage
 
 from anomalens.data.io import to_rgb_array
-from anomalens.errors import DataError
+from anomalens.errors import DataError, ParameterError
 
 TEXTURES: tuple[str, ...] = ("brick", "grass", "gravel")
 """Available textures (``skimage.data`` 512x512 grayscale images)."""
@@ -60,7 +60,8 @@ def add_defect(
     ``foreign_texture`` is the texture pasted by ``kind="foreign"`` (default: drawn from rng).
     """
     if kind not in DEFECT_TYPES:
-        raise ValueError(f"unknown defect kind {kind!r}; expected one of {', '.join(DEFECT_TYPES)}")
+        choices = ", ".join(DEFECT_TYPES)
+        raise ParameterError(f"unknown defect kind {kind!r}; expected one of {choices}")
     base = to_rgb_array(image)
     img = base.astype(np.float32) / 255.0
     height, width = img.shape[:2]
@@ -105,9 +106,9 @@ def make_category(
     `DEFECT_TYPES`; masks are ``ground_truth/<defect>/<stem>_mask.png`` with values 0/255.
     """
     if texture not in TEXTURES:
-        raise ValueError(f"unknown texture {texture!r}; expected one of {', '.join(TEXTURES)}")
+        raise ParameterError(f"unknown texture {texture!r}; expected one of {', '.join(TEXTURES)}")
     if n_train < 1 or n_test_good < 0 or n_test_defect < 0 or image_size < 32:
-        raise ValueError(
+        raise ParameterError(
             "need n_train >= 1, n_test_good >= 0, n_test_defect >= 0, image_size >= 32"
         )
     category = Path(root) / texture
@@ -162,7 +163,7 @@ def make_dataset(
 def _texture(name: str) -> np.ndarray:
     """The named texture as ``uint8``, contrast-stretched (1st–99th percentile) and read-only."""
     if name not in TEXTURES:
-        raise ValueError(f"unknown texture {name!r}; expected one of {', '.join(TEXTURES)}")
+        raise ParameterError(f"unknown texture {name!r}; expected one of {', '.join(TEXTURES)}")
     tex = getattr(skimage.data, name)().astype(np.float32)
     low, high = np.percentile(tex, [1, 99])
     out = _to_uint8(np.clip((tex - low) / (high - low), 0, 1) * 0.9 + 0.05)

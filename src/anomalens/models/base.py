@@ -11,6 +11,7 @@ ends in `_`. Subclasses implement `_fit`, `_score_batch`, `_tensors` and `_resto
 from __future__ import annotations
 
 import inspect
+import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,8 +66,9 @@ class Detector:
         ]
 
     def get_params(self) -> dict[str, Any]:
-        """Constructor parameters, as scikit-learn's `get_params`."""
-        return {name: getattr(self, name) for name in self.param_names()}
+        """Constructor parameters, as scikit-learn's `get_params`, JSON-ready (tuples as lists,
+        paths as strings) for a model file's config."""
+        return {name: _json_ready(getattr(self, name)) for name in self.param_names()}
 
     def __repr__(self) -> str:
         params = ", ".join(f"{key}={value!r}" for key, value in self.get_params().items())
@@ -232,3 +234,11 @@ class Detector:
 
     def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
+
+
+def _json_ready(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_json_ready(item) for item in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value

@@ -92,9 +92,6 @@ class DeepSVDD(Detector):
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
 
-    def get_params(self) -> dict:
-        return {**super().get_params(), "weights": str(self.weights)}
-
     def _build(self, weights: str) -> None:
         if self.pretrained:
             layers = layers_with_strides(self.backbone, IMAGE_LEVEL_STRIDES)

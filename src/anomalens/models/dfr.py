@@ -115,12 +115,6 @@ class DFR(TrainedDetector):
         self.patience = patience
         self.learning_rate = learning_rate
 
-    def get_params(self) -> dict:
-        params = super().get_params()
-        params["layers"] = list(self.layers) if self.layers else None
-        params["weights"] = str(self.weights)
-        return params
-
     # ---- features ----------------------------------------------------------------------------
     def _build_backbone(self, weights: str | Path) -> None:
         self.backbone_ = Backbone(

@@ -66,12 +66,6 @@ class FlowDetector(Detector):
         self.patience = patience
         self.smoothing_sigma = smoothing_sigma
 
-    def get_params(self) -> dict:
-        params = super().get_params()
-        params["layers"] = list(self.layers) if self.layers else None
-        params["weights"] = str(self.weights)
-        return params
-
     # ---- what a flow method implements --------------------------------------------------------
     def _build_flow(self, level: int, channels: int, generator: torch.Generator) -> nn.Module:
         raise NotImplementedError

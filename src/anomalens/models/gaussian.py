@@ -62,12 +62,6 @@ class Gaussian(Detector):
         self.layers = layers
         self.weights = weights
 
-    def get_params(self) -> dict:
-        params = super().get_params()
-        params["layers"] = list(self.layers) if self.layers else None
-        params["weights"] = str(self.weights)
-        return params
-
     def _fit(self, images: list[ImageLike]) -> None:
         layers = self.layers or [module for module, _, _ in feature_levels(self.backbone)]
         self.backbone_ = create_backbone(self.backbone, layers, self.weights)

@@ -21,6 +21,7 @@ from anomalens.backbones import (
     feature_levels,
     restore_backbone,
 )
+from anomalens.errors import ParameterError
 from anomalens.features import pooled_dataset_features, pooled_features
 from anomalens.models.base import Detector
 from anomalens.neighbors import NearestNeighbors
@@ -62,15 +63,9 @@ class KNN(Detector):
         self.weights = weights
         self.k = k
 
-    def get_params(self) -> dict:
-        params = super().get_params()
-        params["layers"] = list(self.layers) if self.layers else None
-        params["weights"] = str(self.weights)
-        return params
-
     def _fit(self, images: list[ImageLike]) -> None:
         if self.k < 1:
-            raise ValueError(f"k must be at least 1, got {self.k}")
+            raise ParameterError(f"k must be at least 1, got {self.k}")
         layers = self.layers or [feature_levels(self.backbone)[-1][0]]
         self.backbone_ = create_backbone(self.backbone, layers, self.weights)
         self.layers = list(self.backbone_.layers)

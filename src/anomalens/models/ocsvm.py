@@ -34,6 +34,7 @@ from anomalens.backbones import (
     layers_with_strides,
     restore_backbone,
 )
+from anomalens.errors import DataError, ParameterError
 from anomalens.features import pooled_dataset_features, pooled_features
 from anomalens.models.base import Detector
 from anomalens.neighbors import NearestNeighbors
@@ -46,7 +47,7 @@ def nearest_neighbour_gamma(features: np.ndarray) -> float:
     distances, _ = NearestNeighbors(features).search(features, 2)
     spacing = float(np.mean(distances[:, 1] ** 2))
     if spacing <= 0:
-        raise ValueError("all training feature vectors are identical: cannot set the kernel width")
+        raise DataError("all training feature vectors are identical: cannot set the kernel width")
     return 1.0 / spacing
 
 
@@ -88,12 +89,6 @@ class OneClassSVM(Detector):
         self.gamma = gamma
         self.normalize = normalize
 
-    def get_params(self) -> dict:
-        params = super().get_params()
-        params["layers"] = list(self.layers) if self.layers else None
-        params["weights"] = str(self.weights)
-        return params
-
     def _features(self, vectors: torch.Tensor | np.ndarray) -> torch.Tensor:
         vectors = torch.as_tensor(vectors, dtype=torch.float32)
         if self.normalize:
@@ -103,7 +98,7 @@ class OneClassSVM(Detector):
     # ---- fit ---------------------------------------------------------------------------------
     def _fit(self, images: list[ImageLike]) -> None:
         if not 0 < self.nu <= 1:
-            raise ValueError(f"nu must be in (0, 1], got {self.nu}")
+            raise ParameterError(f"nu must be in (0, 1], got {self.nu}")
         layers = (
             tuple(self.layers)
             if self.layers
@@ -120,7 +115,7 @@ class OneClassSVM(Detector):
         elif isinstance(self.gamma, int | float) and self.gamma > 0:
             self.gamma_ = float(self.gamma)
         else:
-            raise ValueError(f"gamma must be 'nn', 'scale' or a number > 0, got {self.gamma!r}")
+            raise ParameterError(f"gamma must be 'nn', 'scale' or a number > 0, got {self.gamma!r}")
         svm = _SklearnOneClassSVM(kernel="rbf", nu=self.nu, gamma=self.gamma_).fit(features)
         self.support_vectors_ = torch.from_numpy(svm.support_vectors_.astype(np.float32))
         self.dual_coef_ = torch.from_numpy(svm.dual_coef_[0].astype(np.float32))

@@ -41,6 +41,7 @@ from anomalens.backbones import (
     layers_with_strides,
     restore_backbone,
 )
+from anomalens.errors import ParameterError
 from anomalens.models.base import Detector
 from anomalens.ops import anomaly_maps
 from anomalens.preprocessing import ImageLike, iter_batches
@@ -87,12 +88,6 @@ class PaDiM(Detector):
         self.feature_stride = feature_stride
         self.smoothing_sigma = smoothing_sigma
 
-    def get_params(self) -> dict:
-        params = super().get_params()
-        params["layers"] = list(self.layers) if self.layers else None
-        params["weights"] = str(self.weights)
-        return params
-
     # ---- embeddings --------------------------------------------------------------------------
     def _build_backbone(self) -> None:
         layers = self.layers or layers_with_strides(self.backbone, (4, 8, 16))
@@ -134,7 +129,7 @@ class PaDiM(Detector):
     # ---- fit ---------------------------------------------------------------------------------
     def _fit(self, images: list[ImageLike]) -> None:
         if self.n_features < 1 or self.epsilon < 0:
-            raise ValueError("PaDiM needs n_features >= 1 and epsilon >= 0")
+            raise ParameterError("PaDiM needs n_features >= 1 and epsilon >= 0")
         self._build_backbone()
         self._prepare(self._select_channels())
         # Sums of (embedding - shift) and of its outer products, with the first batch's mean as

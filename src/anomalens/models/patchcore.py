@@ -80,12 +80,6 @@ class PatchCore(Detector):
         self.reweight = reweight
         self.smoothing_sigma = smoothing_sigma
 
-    def get_params(self) -> dict:
-        params = super().get_params()
-        params["layers"] = list(self.layers) if self.layers else None
-        params["weights"] = str(self.weights)
-        return params
-
     # ---- features ----------------------------------------------------------------------------
     @torch.inference_mode()
     def _patch_features(self, pixels: torch.Tensor) -> torch.Tensor:

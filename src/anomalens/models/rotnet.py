@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from scipy.special import digamma, polygamma
 
+from anomalens.errors import ParameterError
 from anomalens.models.base import Detector
 from anomalens.networks import ConvEmbedder, load_module_tensors, module_tensors
 from anomalens.preprocessing import ImageLike, iter_batches, load_resized
@@ -144,13 +145,15 @@ class RotNet(Detector):
 
     def _check_params(self) -> None:
         if self.rotations not in (1, 2, 4):
-            raise ValueError(f"rotations must be 1, 2 or 4, got {self.rotations}")
+            raise ParameterError(f"rotations must be 1, 2 or 4, got {self.rotations}")
         if self.score not in SCORES:
-            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+            raise ParameterError(f"score must be one of {SCORES}, got {self.score!r}")
         if not 0 <= self.translation < 0.5:
-            raise ValueError(f"translation must be in [0, 0.5), got {self.translation}")
+            raise ParameterError(f"translation must be in [0, 0.5), got {self.translation}")
         if len(self._transformations()) < 2:
-            raise ValueError("rotnet needs at least two transformations: enable rotations or flips")
+            raise ParameterError(
+                "rotnet needs at least two transformations: enable rotations or flips"
+            )
 
     def _transformations(self) -> list[Transformation]:
         return transformations(self.rotations, self.flips, self.translation)
