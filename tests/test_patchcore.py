@@ -33,6 +33,9 @@ def test_every_model_round_trips_its_parameters(name: str) -> None:
     assert anomalens.create(name, **params).get_params() == params
     assert not [key for key in vars(model) if key.endswith("_")], "constructor must not fit"
     assert repr(model).startswith(type(model).__name__ + "(")
+    assert model.set_params(seed=7) is model and model.get_params()["seed"] == 7
+    with pytest.raises(anomalens.AnomalensError, match="no parameter 'sede'"):
+        model.set_params(sede=7)
 
 
 def test_predict_before_fit_is_a_clear_error() -> None:

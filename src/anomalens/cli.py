@@ -37,6 +37,8 @@ console = Console()
 errors = Console(stderr=True)
 
 METRIC_KEYS = ("image_auroc", "image_aupr", "image_f1_max", "pixel_auroc", "aupro")
+DEMO_IMAGE_SIZE = 128
+"""The demo images are 128 px: no model needs a larger input for them."""
 
 
 def _parse_params(pairs: list[str]) -> dict[str, Any]:
@@ -259,7 +261,8 @@ def demo(
     pages = []
     for category in categories:
         images = training_images(category)
-        detector = anomalens.create(model, image_size=128)
+        detector = anomalens.create(model)
+        detector.set_params(image_size=min(detector.image_size, DEMO_IMAGE_SIZE))
         console.print(f"[bold]{category.name}[/]: fitting {model} on {len(images)} normal images")
         detector.fit(images)
         detector.save(out / "models" / f"{category.name}.safetensors")

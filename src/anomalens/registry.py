@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from anomalens.errors import AnomalensError
+from anomalens.errors import AnomalensError, ParameterError
 
 _MODELS: dict[str, type] = {}
 T = TypeVar("T", bound=type)
@@ -32,7 +32,7 @@ def create(name: str, **params: Any) -> Any:
     cls = model_class(name)
     unknown = sorted(set(params) - set(cls.param_names()))
     if unknown:
-        raise AnomalensError(
+        raise ParameterError(
             f"{name} has no parameter {unknown[0]!r}; "
             f"its parameters: {', '.join(cls.param_names())}"
         )

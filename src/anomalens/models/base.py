@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Self
 import numpy as np
 import torch
 
-from anomalens.errors import DataError, ExportError, NotFittedError
+from anomalens.errors import DataError, ExportError, NotFittedError, ParameterError
 from anomalens.ops import resize_maps
 from anomalens.prediction import Prediction
 from anomalens.preprocessing import Batch, ImageLike, iter_batches
@@ -69,6 +69,18 @@ class Detector:
         """Constructor parameters, as scikit-learn's `get_params`, JSON-ready (tuples as lists,
         paths as strings) for a model file's config."""
         return {name: _json_ready(getattr(self, name)) for name in self.param_names()}
+
+    def set_params(self, **params: Any) -> Self:
+        """Change constructor parameters, as scikit-learn's `set_params` (fit again afterwards)."""
+        unknown = sorted(set(params) - set(self.param_names()))
+        if unknown:
+            raise ParameterError(
+                f"{self.name} has no parameter {unknown[0]!r}; "
+                f"its parameters: {', '.join(self.param_names())}"
+            )
+        for key, value in params.items():
+            setattr(self, key, value)
+        return self
 
     def __repr__(self) -> str:
         params = ", ".join(f"{key}={value!r}" for key, value in self.get_params().items())
