@@ -8,22 +8,30 @@ and Localization", CVPR 2021), image level.
    trains the binary variants.
 2. Network: an ImageNet-pretrained CNN (the paper fine-tunes ResNet-18; here the offline
    `tf_efficientnet_lite0`), its global-average-pooled stride-16 and stride-32 stages as the
-   representation f(x), an MLP projection head and a linear classifier over the 2 or 3 classes,
-   trained with cross-entropy by THE training loop (`anomalens.training.train`).
+   representation f(x), a two-layer MLP projection head (ReLU, no batch norm) and a linear
+   classifier over the 2 or 3 classes, trained with cross-entropy by THE training loop
+   (`anomalens.training.train`, the defects made by its seeded generator).
 3. Scoring (sec. 3.2): a Gaussian density estimator on f(x) of the normal training images (mean
    and Ledoit-Wolf-shrunk covariance, `anomalens.density`); the anomaly score is the Mahalanobis
-   distance (the Gaussian's negative log-density up to a constant and a monotone map). As in the
-   paper the density sits on the representation before the head.
+   distance (the Gaussian's negative log-density up to a constant and a monotone map). The density
+   sits on the representation before the head, as in the public implementations.
 
 CPU defaults, for a fit of a few minutes on 2 cores (MVTec bottle, 188 training images):
-224-pixel input (the paper: 256); the stem and the stages of stride <= 8 stay frozen with their
-ImageNet batch-norm statistics (`freeze_stride=8`; 0 fine-tunes everything, 16 only the last
-stages), which saves most of the backward pass where it costs most (large maps) and keeps the
-low-level filters, which a few epochs on a few hundred images would not improve; 6 epochs of Adam
-at 1e-4 (the paper: 256 epochs of SGD on a GPU), within `time_budget_s=300`. Batches of 16
-normal images, each with its CutPaste and Scar versions (48 images per step). With the budget
-reached before `max_epochs`, the same seed no longer guarantees the same model (the model file
-records which ended training). Image-level only: `anomaly_map` is None.
+- 224-pixel input (the paper: 256).
+- The stem and the stages of stride <= 8 stay frozen (`freeze_stride=8`; 0 fine-tunes
+  everything, 16 only the last stages): that skips the backward pass where it costs most (the
+  large maps) and keeps low-level filters that a few epochs on a few hundred images would not
+  improve. Every batch norm keeps its ImageNet statistics (a few dozen steps are too few to
+  re-estimate them, and training and scoring then compute the same function); the unfrozen
+  stages still train their scale and shift.
+- 6 epochs of Adam at 1e-4 (the paper: 256 epochs of SGD on a GPU), early stop after 3 epochs
+  without improvement, at most `time_budget_s=300` s of training. Batches of 16 normal images,
+  each with its CutPaste and Scar versions (48 images per step). When the budget, not
+  `max_epochs`, ends training, the same seed no longer guarantees the same model (the model file
+  records which ended it).
+
+Image-level only: `anomaly_map` is None. `classification_accuracy(images)` says whether the
+pretext task was learned.
 """
 
 from __future__ import annotations
