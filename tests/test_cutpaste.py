@@ -125,3 +125,5 @@ def test_bad_parameters_are_clear_errors(brick: Path) -> None:
         anomalens.create("cutpaste", variant="4way").fit(images)
     with pytest.raises(ParameterError, match="freeze_stride"):
         anomalens.create("cutpaste", freeze_stride=-1).fit(images)
+    with pytest.raises(ParameterError, match="handcrafted"):
+        anomalens.create("cutpaste", backbone="handcrafted").fit(images)

@@ -56,6 +56,7 @@ from anomalens.data.cutpaste import cutpaste, cutpaste_scar
 from anomalens.density import fit_gaussian, mahalanobis
 from anomalens.errors import ParameterError
 from anomalens.features import pooled_features
+from anomalens.handcrafted import HANDCRAFTED
 from anomalens.models.trained import TrainedDetector
 from anomalens.networks import load_module_tensors, module_tensors
 from anomalens.preprocessing import ImageLike, iter_batches, load_resized
@@ -178,6 +179,8 @@ class CutPaste(TrainedDetector):
         check_choice("variant", self.variant, tuple(VARIANTS))
         if int(self.freeze_stride) < 0:
             raise ParameterError(f"freeze_stride must be >= 0, got {self.freeze_stride}")
+        if self.backbone == HANDCRAFTED:
+            raise ParameterError("cutpaste fine-tunes a CNN: backbone='handcrafted' has no weights")
         layers = layers_with_strides(self.backbone, IMAGE_LEVEL_STRIDES)
         backbone = Backbone(self.backbone, layers, self.weights)
         freeze_early_stages(backbone, int(self.freeze_stride))
