@@ -3,6 +3,7 @@
 from anomalens.models import (
     autoencoder,
     cflow,
+    cutpaste,
     deepsvdd,
     dfr,
     fanogan,
@@ -22,6 +23,7 @@ __all__ = [
     "Detector",
     "autoencoder",
     "cflow",
+    "cutpaste",
     "deepsvdd",
     "dfr",
     "fanogan",

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.covariance import LedoitWolf
 
 from anomalens.backbones import (
     DEFAULT_BACKBONE,
@@ -24,6 +23,7 @@ from anomalens.backbones import (
     feature_levels,
     restore_backbone,
 )
+from anomalens.density import fit_gaussian, mahalanobis
 from anomalens.features import pooled_dataset_features, pooled_features
 from anomalens.models.base import Detector
 from anomalens.preprocessing import ImageLike
@@ -71,17 +71,16 @@ class Gaussian(Detector):
         ).double()
         self.means_, self.precisions_ = [], []
         for level in torch.split(vectors, list(self.backbone_.channels), dim=1):
-            estimator = LedoitWolf(assume_centered=False).fit(level.numpy())
-            self.means_.append(torch.from_numpy(estimator.location_))
-            self.precisions_.append(torch.from_numpy(estimator.get_precision()))
+            mean, precision = fit_gaussian(level)
+            self.means_.append(mean)
+            self.precisions_.append(precision)
 
     def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, None]:
         vectors = pooled_features(self.backbone_(pixels)).double()
         scores = torch.zeros(vectors.shape[0], dtype=torch.float64)
         levels = torch.split(vectors, list(self.backbone_.channels), dim=1)
         for level, mean, precision in zip(levels, self.means_, self.precisions_, strict=True):
-            centred = level - mean
-            scores += ((centred @ precision) * centred).sum(dim=1).clamp_min(0.0).sqrt()
+            scores += mahalanobis(level, mean, precision)
         return scores.numpy(), None
 
     def _tensors(self) -> dict[str, torch.Tensor]:
