@@ -73,9 +73,10 @@ def main() -> None:
             metrics = evaluation.metrics
             metrics["cpu_s_fit_and_evaluate"] = time.process_time() - cpu_before
             metrics["load_average"] = [load_before, os.getloadavg()[0]]
-            metrics["epochs"] = model.history_.epochs
-            metrics["stopped"] = model.history_.stopped
-            metrics["training_s"] = model.history_.seconds
+            training = model.training_[model.name]
+            metrics["epochs"] = training["epochs"]
+            metrics["stopped"] = training["stopped"]
+            metrics["training_s"] = training["seconds"]
             metrics.update(speed(model, args.data / name))
             report[f"{name}/{model_name}"] = metrics
             print(json.dumps({f"{name}/{model_name}": metrics}, indent=2), flush=True)

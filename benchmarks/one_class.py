@@ -100,9 +100,8 @@ def one_class(args: argparse.Namespace, params: dict[str, Any], report: dict) ->
             "fit_cpu_s": fit_cpu_s,
             "score_cpu_s": score_cpu_s,
         }
-        history = getattr(detector, "history_", None)
-        if history is not None:
-            row.update(epochs=history.epochs, stopped=history.stopped)
+        for training in getattr(detector, "training_", {}).values():
+            row.update(epochs=training["epochs"], stopped=training["stopped"])
         report["classes"].append(row)
         print(
             f"{normal_class} {row['name']:<12} AUROC {row['image_auroc']:.4f}  "

@@ -134,12 +134,14 @@ def test_rotnet_on_fashion_mnist_ranks_other_classes_higher() -> None:
 def test_deepsvdd_from_scratch_learns_a_compact_description(tmp_path: Path) -> None:
     model = anomalens.create("deepsvdd", image_size=SIZE, max_epochs=10, batch_size=8)
     model.fit(glyphs("L", 40, seed=0))
-    assert model.history_.losses[-1] < 0.5 * model.history_.losses[0]
+    losses = model.training_["deepsvdd"]["losses"]
+    assert losses[-1] < 0.5 * losses[0]
     assert not any(name.endswith("bias") for name in model.network_.state_dict())
     normal = glyphs("L", 20, seed=1)
     assert auroc(model, normal, glyphs("ring", 10, seed=2) + glyphs("T", 10, seed=3)) >= 0.9
     loaded = anomalens.load(model.save(tmp_path / "svdd.safetensors"))
     assert np.allclose(loaded.decision_function(normal), model.decision_function(normal))
+    assert loaded.training_ == model.training_ and model.training_["deepsvdd"]["epochs"] == 10
 
 
 def test_deepsvdd_pretrained_separates_textures(tmp_path: Path) -> None:

@@ -191,7 +191,7 @@ class CutPaste(TrainedDetector):
             targets = torch.arange(classes).repeat_interleave(len(batch) // classes)
             return F.cross_entropy(self.network_(batch), targets)
 
-        self.history_ = self._train(
+        self._train(
             "cutpaste",
             optimizer_step(loss, optimizer),
             data,

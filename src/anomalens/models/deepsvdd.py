@@ -31,11 +31,11 @@ from anomalens.backbones import (
     restore_backbone,
 )
 from anomalens.features import pooled_dataset_features, pooled_features
-from anomalens.models.base import Detector
+from anomalens.models.trained import TrainedDetector
 from anomalens.networks import ConvEmbedder, load_module_tensors, module_tensors
 from anomalens.preprocessing import ImageLike, load_resized
 from anomalens.registry import register
-from anomalens.training import optimizer_step, train
+from anomalens.training import optimizer_step
 
 
 def projection_head(in_features: int, out_features: int) -> nn.Sequential:
@@ -49,7 +49,7 @@ def projection_head(in_features: int, out_features: int) -> nn.Sequential:
 
 
 @register
-class DeepSVDD(Detector):
+class DeepSVDD(TrainedDetector):
     """Score = squared distance of a learned representation to the centre of the normal data."""
 
     name = "deepsvdd"
@@ -66,6 +66,7 @@ class DeepSVDD(Detector):
         time_budget_s: float | None = None,
         learning_rate: float = 1e-4,
         weight_decay: float = 1e-6,
+        patience: int = 5,
         *,
         image_size: int = 64,
         target_fpr: float = 0.01,
@@ -91,6 +92,7 @@ class DeepSVDD(Detector):
         self.time_budget_s = time_budget_s
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
+        self.patience = patience
 
     def _build(self, weights: str) -> None:
         if self.pretrained:
@@ -113,6 +115,7 @@ class DeepSVDD(Detector):
 
     # ---- fit ---------------------------------------------------------------------------------
     def _fit(self, images: list[ImageLike]) -> None:
+        self._start_training()
         self._build(self.weights)
         data = self._inputs(images)
         self.center_ = self._initial_center(data)
@@ -123,16 +126,7 @@ class DeepSVDD(Detector):
         def loss(batch: torch.Tensor) -> torch.Tensor:
             return (self.network_(batch) - self.center_).square().sum(dim=1).mean()
 
-        self.history_ = train(
-            optimizer_step(loss, optimizer),
-            data,
-            modules=[self.network_],
-            max_epochs=self.max_epochs,
-            time_budget_s=self.time_budget_s,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            description="deepsvdd",
-        )
+        self._train("deepsvdd", optimizer_step(loss, optimizer), data, [self.network_])
 
     @torch.inference_mode()
     def _initial_center(self, data: torch.Tensor, eps: float = 0.1) -> torch.Tensor:

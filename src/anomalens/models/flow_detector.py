@@ -19,12 +19,12 @@ from anomalens.backbones import DEFAULT_BACKBONE, Backbone
 from anomalens.errors import AnomalensError
 from anomalens.features import backbone_features
 from anomalens.flows import gaussian_nll, nll_to_map
-from anomalens.models.base import Detector
+from anomalens.models.trained import TrainedDetector
 from anomalens.preprocessing import ImageLike
-from anomalens.training import TrainingHistory, optimizer_step, train
+from anomalens.training import optimizer_step
 
 
-class FlowDetector(Detector):
+class FlowDetector(TrainedDetector):
     """Shared fit / score / persistence of the flow detectors (see the module docstring)."""
 
     def __init__(
@@ -106,10 +106,13 @@ class FlowDetector(Detector):
         return [self._level_nll(level, f) for level, f in enumerate(standardised)]
 
     def _fit(self, images: list[ImageLike]) -> None:
+        self._start_training()
         self._build(self.weights)
-        self._train(backbone_features(self.backbone_, images, self.image_size, self.batch_size))
+        self._fit_features(
+            backbone_features(self.backbone_, images, self.image_size, self.batch_size)
+        )
 
-    def _train(self, cache: list[torch.Tensor]) -> None:
+    def _fit_features(self, cache: list[torch.Tensor]) -> None:
         """Fit the standardisation and the flows on cached features, one (N, C, h, w) per level."""
         self.means_ = [f.mean(dim=(0, 2, 3), keepdim=True) for f in cache]
         self.stds_ = [f.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6) for f in cache]
@@ -122,16 +125,8 @@ class FlowDetector(Detector):
             levels = [self._level_nll(i, features[indices]) for i, features in enumerate(cache)]
             return torch.stack([nll.mean() for nll in levels]).mean()
 
-        self.history_ = train(
-            optimizer_step(loss, optimizer),
-            torch.arange(len(cache[0])),
-            modules=[self.flows_],
-            max_epochs=self.max_epochs,
-            time_budget_s=self.time_budget_s,
-            batch_size=self.batch_size,
-            patience=self.patience,
-            seed=self.seed,
-            description=f"training {self.name}",
+        self._train(
+            self.name, optimizer_step(loss, optimizer), torch.arange(len(cache[0])), [self.flows_]
         )
 
     def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -140,24 +135,6 @@ class FlowDetector(Detector):
     def _score_features(self, feature_maps: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
         maps = nll_to_map(self._nll(feature_maps), self.image_size, self.smoothing_sigma)
         return maps.amax(dim=(1, 2)).numpy().astype(np.float64), maps.numpy().astype(np.float32)
-
-    def fitted_config(self) -> dict:
-        config = super().fitted_config()
-        config["training"] = {
-            "losses": self.history_.losses,
-            "seconds": self.history_.seconds,
-            "stopped": self.history_.stopped,
-        }
-        return config
-
-    def restore(self, tensors: dict[str, torch.Tensor], fitted: dict) -> None:
-        super().restore(tensors, fitted)
-        training = fitted["training"]
-        self.history_ = TrainingHistory(
-            [float(loss) for loss in training["losses"]],
-            float(training["seconds"]),
-            str(training["stopped"]),
-        )
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         tensors = {f"flows.{k}": v for k, v in self.flows_.state_dict().items()}

@@ -37,11 +37,11 @@ import torch.nn.functional as F
 from scipy.special import digamma, polygamma
 
 from anomalens.errors import ParameterError
-from anomalens.models.base import Detector
+from anomalens.models.trained import TrainedDetector
 from anomalens.networks import ConvEmbedder, load_module_tensors, module_tensors
 from anomalens.preprocessing import ImageLike, iter_batches, load_resized
 from anomalens.registry import register
-from anomalens.training import optimizer_step, train
+from anomalens.training import optimizer_step
 
 SCORES = ("dirichlet", "simple")
 
@@ -102,7 +102,7 @@ def _inverse_digamma(y: np.ndarray, steps: int = 5) -> np.ndarray:
 
 
 @register
-class RotNet(Detector):
+class RotNet(TrainedDetector):
     """Score = how badly a classifier of geometric transformations recognises them (GEOM)."""
 
     name = "rotnet"
@@ -118,6 +118,7 @@ class RotNet(Detector):
         max_epochs: int = 20,
         time_budget_s: float | None = None,
         learning_rate: float = 1e-3,
+        patience: int = 5,
         *,
         image_size: int = 64,
         target_fpr: float = 0.01,
@@ -142,6 +143,7 @@ class RotNet(Detector):
         self.max_epochs = max_epochs
         self.time_budget_s = time_budget_s
         self.learning_rate = learning_rate
+        self.patience = patience
 
     def _check_params(self) -> None:
         if self.rotations not in (1, 2, 4):
@@ -172,6 +174,7 @@ class RotNet(Detector):
     # ---- fit ---------------------------------------------------------------------------------
     def _fit(self, images: list[ImageLike]) -> None:
         self._check_params()
+        self._start_training()
         self._build()
         data = load_resized(images, self.image_size)
         count = len(self.transformations_)
@@ -181,16 +184,7 @@ class RotNet(Detector):
             targets = torch.arange(count).repeat_interleave(len(batch))
             return F.cross_entropy(self.network_(self._all_transformed(batch)), targets)
 
-        self.history_ = train(
-            optimizer_step(loss, optimizer),
-            data,
-            modules=[self.network_],
-            max_epochs=self.max_epochs,
-            time_budget_s=self.time_budget_s,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            description="rotnet",
-        )
+        self._train("rotnet", optimizer_step(loss, optimizer), data, [self.network_])
         self.alphas_ = torch.ones(count, count, dtype=torch.float64)
         if self.score == "dirichlet":
             log_probs = []

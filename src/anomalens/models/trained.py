@@ -16,8 +16,8 @@ class TrainedDetector(Detector):
     """A detector with networks trained by THE training loop.
 
     Subclasses set `max_epochs`, `time_budget_s`, `patience` and `learning_rate` in their
-    constructor. The summary of each training run (epochs, why it stopped, last loss, seconds) is
-    kept in `training_` and in the model file's fitted config.
+    constructor. The summary of each training run (epochs, why it stopped, the loss of each epoch,
+    seconds) is kept in `training_` and in the model file's fitted config.
     """
 
     max_epochs: int
@@ -63,7 +63,7 @@ class TrainedDetector(Detector):
         self.training_[name] = {
             "epochs": history.epochs,
             "stopped": history.stopped,
-            "final_loss": history.losses[-1] if history.losses else None,
+            "losses": history.losses,
             "seconds": round(history.seconds, 2),
         }
         return history
