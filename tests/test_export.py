@@ -152,3 +152,31 @@ def test_onnx_model_cannot_be_fitted_and_bad_files_are_clear(patchcore_files, tm
         anomalens.load(foreign)
     with pytest.raises(ModelFileError, match="not found"):
         anomalens.OnnxModel(tmp_path / "missing.onnx")
+
+
+@pytest.mark.parametrize("name", ["padim", "gaussian", "knn"])
+def test_feature_models_export_with_the_same_predictions(name, brick, tmp_path) -> None:
+    from anomalens.data.mvtec import training_images
+
+    model = anomalens.create(name, image_size=64).fit(training_images(brick))
+    onnx_model = anomalens.OnnxModel(export_onnx(model, tmp_path / f"{name}.onnx"))
+    outputs = [o.name for o in onnx.load(str(tmp_path / f"{name}.onnx")).graph.output]
+    assert outputs == (["score", "anomaly_map"] if model.produces_maps else ["score"])
+    paths = [s.path for s in test_samples(brick)]
+    for want, have in zip(model.predict(paths), onnx_model.predict(paths), strict=True):
+        assert abs(have.score - want.score) <= 1e-4 * abs(want.score)
+        assert have.label == want.label
+        if model.produces_maps:
+            assert np.abs(have.anomaly_map - want.anomaly_map).max() <= 1e-3
+        else:
+            assert have.anomaly_map is None and want.anomaly_map is None
+
+
+def test_handcrafted_features_cannot_be_exported(brick, tmp_path) -> None:
+    from anomalens.data.mvtec import training_images
+
+    model = anomalens.create("padim", backbone="handcrafted", image_size=64)
+    model.fit(training_images(brick)[:6])
+    with pytest.raises(ExportError, match="padim with backbone='handcrafted' cannot be exported"):
+        export_onnx(model, tmp_path / "handcrafted.onnx")
+    assert not (tmp_path / "handcrafted.onnx").exists()

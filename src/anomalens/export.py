@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from anomalens.errors import ExportError
+from anomalens.handcrafted import HandcraftedFeatures
 from anomalens.model_io import CONFIG_KEY, model_config
 
 FORMATS = ("onnx",)
@@ -54,6 +55,11 @@ def export_onnx(detector: Any, path: str | Path, opset: int = OPSET) -> Path:
     detector._check_fitted()
     path = Path(path)
     module = detector.export_module().eval()
+    if any(isinstance(part, HandcraftedFeatures) for part in module.modules()):
+        raise ExportError(
+            f"{detector.name} with backbone='handcrafted' cannot be exported to ONNX: its features "
+            "are computed by scikit-image, outside torch; use a CNN backbone"
+        )
     size = detector.image_size
     example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     outputs = ["score", "anomaly_map"] if detector.produces_maps else ["score"]

@@ -81,3 +81,13 @@ def nearest_by_matmul(
     nearest = (squared_norms - 2.0 * queries @ vectors.T).argmin(dim=-1)
     distances = torch.linalg.vector_norm(queries - vectors[nearest], dim=-1)
     return distances, nearest
+
+
+def k_nearest_by_matmul(
+    queries: torch.Tensor, vectors: torch.Tensor, squared_norms: torch.Tensor, k: int
+) -> torch.Tensor:
+    """Euclidean distances (B, k) from each query (B, D) to its `k` nearest `vectors` (N, D),
+    nearest first, as a matrix product and a top-k so that it exports to ONNX (the exact
+    distances recomputed directly, as in `nearest_by_matmul`)."""
+    _, nearest = (2.0 * queries @ vectors.T - squared_norms).topk(k, dim=-1)
+    return torch.linalg.vector_norm(queries[:, None, :] - vectors[nearest], dim=-1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
 
 from anomalens.backbones import (
     DEFAULT_BACKBONE,
@@ -76,12 +77,13 @@ class Gaussian(Detector):
             self.precisions_.append(precision)
 
     def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, None]:
-        vectors = pooled_features(self.backbone_(pixels)).double()
-        scores = torch.zeros(vectors.shape[0], dtype=torch.float64)
-        levels = torch.split(vectors, list(self.backbone_.channels), dim=1)
-        for level, mean, precision in zip(levels, self.means_, self.precisions_, strict=True):
-            scores += mahalanobis(level, mean, precision)
-        return scores.numpy(), None
+        vectors = pooled_features(self.backbone_(pixels))
+        channels = list(self.backbone_.channels)
+        return summed_mahalanobis(vectors, channels, self.means_, self.precisions_).numpy(), None
+
+    def export_module(self) -> nn.Module:
+        self._check_fitted()
+        return GaussianGraph(self)
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         tensors = backbone_tensors(self.backbone_)
@@ -95,3 +97,39 @@ class Gaussian(Detector):
         levels = range(len(self.backbone_.layers))
         self.means_ = [tensors[f"mean.{index}"].double() for index in levels]
         self.precisions_ = [tensors[f"precision.{index}"].double() for index in levels]
+
+
+def summed_mahalanobis(
+    vectors: torch.Tensor,
+    channels: list[int],
+    means: list[torch.Tensor],
+    precisions: list[torch.Tensor],
+) -> torch.Tensor:
+    """Pooled vectors (B, sum C) -> the sum over levels of the Mahalanobis distances (B,)
+    float64, each level's `channels` against its own Gaussian."""
+    levels = torch.split(vectors, channels, dim=1)
+    distances = [
+        mahalanobis(level, mean, precision)
+        for level, mean, precision in zip(levels, means, precisions, strict=True)
+    ]
+    return torch.stack(distances).sum(dim=0)
+
+
+class GaussianGraph(nn.Module):
+    """A fitted `gaussian` as one traceable module: pixels (B, 3, S, S) in [0, 1] -> (scores,)."""
+
+    def __init__(self, model: Gaussian) -> None:
+        super().__init__()
+        self.backbone = model.backbone_
+        self.channels = list(model.backbone_.channels)
+        gaussians = zip(model.means_, model.precisions_, strict=True)
+        for level, (mean, precision) in enumerate(gaussians):
+            self.register_buffer(f"mean_{level}", mean)
+            self.register_buffer(f"precision_{level}", precision)
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor]:
+        levels = range(len(self.channels))
+        means = [getattr(self, f"mean_{level}") for level in levels]
+        precisions = [getattr(self, f"precision_{level}") for level in levels]
+        vectors = pooled_features(self.backbone(pixels))
+        return (summed_mahalanobis(vectors, self.channels, means, precisions),)

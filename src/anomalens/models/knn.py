@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
 
 from anomalens.backbones import (
     DEFAULT_BACKBONE,
@@ -24,7 +25,7 @@ from anomalens.backbones import (
 from anomalens.errors import ParameterError
 from anomalens.features import pooled_dataset_features, pooled_features
 from anomalens.models.base import Detector
-from anomalens.neighbors import NearestNeighbors
+from anomalens.neighbors import NearestNeighbors, k_nearest_by_matmul
 from anomalens.preprocessing import ImageLike
 from anomalens.registry import register
 
@@ -78,6 +79,10 @@ class KNN(Detector):
         distances, _ = self.index_.search(vectors, self.k)
         return distances.mean(axis=1), None
 
+    def export_module(self) -> nn.Module:
+        self._check_fitted()
+        return KNNGraph(self)
+
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {
             "features": torch.from_numpy(self.train_features_),
@@ -88,3 +93,21 @@ class KNN(Detector):
         self.backbone_ = restore_backbone(self.backbone, self.layers, tensors)
         self.train_features_ = np.ascontiguousarray(tensors["features"].numpy(), dtype=np.float32)
         self.index_ = NearestNeighbors(self.train_features_)
+
+
+class KNNGraph(nn.Module):
+    """A fitted `knn` as one traceable module: pixels (B, 3, S, S) in [0, 1] -> (scores,), the
+    search written as a matrix product (`k_nearest_by_matmul`) instead of FAISS."""
+
+    def __init__(self, model: KNN) -> None:
+        super().__init__()
+        self.backbone = model.backbone_
+        features = torch.from_numpy(model.train_features_.copy())
+        self.register_buffer("features", features)
+        self.register_buffer("squared_norms", (features * features).sum(dim=1))
+        self.k = min(model.k, len(features))
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor]:
+        vectors = pooled_features(self.backbone(pixels))
+        distances = k_nearest_by_matmul(vectors, self.features, self.squared_norms, self.k)
+        return (distances.mean(dim=1),)
