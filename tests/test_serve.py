@@ -362,3 +362,25 @@ def test_serve_command_with_two_workers(patchcore_files, brick) -> None:
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_image_level_onnx_model_is_served_without_heatmaps(brick: Path, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from anomalens.data.mvtec import training_images
+    from anomalens.export import export_onnx
+
+    model = anomalens.create("gaussian", image_size=64).fit(training_images(brick))
+    onnx_file = export_onnx(model, tmp_path / "gaussian.onnx")
+    app = create_app(Settings(str(onnx_file), MAX_UPLOAD, MAX_PIXELS, MAX_FILES))
+    defect = next(s.path for s in test_samples(brick) if s.label)
+    with TestClient(app) as client:
+        response = client.post(
+            "/v1/predict",
+            params={"heatmap": "true"},
+            files=[("file", ("defect.png", defect.read_bytes(), "image/png"))],
+        )
+    assert response.status_code == 200, response.text
+    (result,) = response.json()["results"]
+    assert result["heatmap_png"] is None
+    assert result["score"] == pytest.approx(model.predict([defect])[0].score, rel=1e-4)
