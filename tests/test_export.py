@@ -154,11 +154,22 @@ def test_onnx_model_cannot_be_fitted_and_bad_files_are_clear(patchcore_files, tm
         anomalens.OnnxModel(tmp_path / "missing.onnx")
 
 
-@pytest.mark.parametrize("name", ["padim", "gaussian", "knn"])
-def test_feature_models_export_with_the_same_predictions(name, brick, tmp_path) -> None:
+SMALL_FITS = {
+    "padim": {"image_size": 64},
+    "gaussian": {"image_size": 64},
+    "knn": {"image_size": 64},
+    "ocsvm": {"image_size": 64},
+    "deepsvdd": {"image_size": 32, "max_epochs": 2},
+    "rotnet": {"image_size": 32, "max_epochs": 2, "translation": 0.25},
+    "cutpaste": {"image_size": 64, "max_epochs": 1, "batch_size": 4},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_FITS))
+def test_models_export_with_the_same_predictions(name, brick, tmp_path) -> None:
     from anomalens.data.mvtec import training_images
 
-    model = anomalens.create(name, image_size=64).fit(training_images(brick))
+    model = anomalens.create(name, **SMALL_FITS[name]).fit(training_images(brick))
     onnx_model = anomalens.OnnxModel(export_onnx(model, tmp_path / f"{name}.onnx"))
     outputs = [o.name for o in onnx.load(str(tmp_path / f"{name}.onnx")).graph.output]
     assert outputs == (["score", "anomaly_map"] if model.produces_maps else ["score"])

@@ -190,10 +190,16 @@ class Detector:
         """The fitted model as one traceable torch module for ONNX export (`anomalens.export`).
 
         Its forward takes pixels (B, 3, S, S) in [0, 1] and returns (scores (B,), maps (B, S, S)),
-        or (scores,) for image-level methods, computing what `_score_batch` computes. Methods
-        without one raise `ExportError`.
+        or (scores,) for image-level methods, computing what `_score_batch` computes. Image-level
+        methods that implement `_score_tensor` get one for free; methods without one raise
+        `ExportError`.
         """
-        raise ExportError(f"{self.name} models cannot be exported to ONNX (no exportable graph)")
+        self._check_fitted()
+        if type(self)._score_tensor is Detector._score_tensor:
+            raise ExportError(
+                f"{self.name} models cannot be exported to ONNX (no exportable graph)"
+            )
+        return ImageScoreGraph(self)
 
     # ---- persistence ------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -238,7 +244,13 @@ class Detector:
         raise NotImplementedError
 
     def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-        """Scores (B,) and anomaly maps (B, S, S) at the model's input size, or None."""
+        """Scores (B,) and anomaly maps (B, S, S) at the model's input size, or None. Image-level
+        methods implement `_score_tensor` instead."""
+        return self._score_tensor(pixels).numpy(), None
+
+    def _score_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Image-level methods: the scores (B,) as one torch function of the pixels, which both
+        `predict` and the exported ONNX graph run."""
         raise NotImplementedError
 
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -246,6 +258,22 @@ class Detector:
 
     def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
+
+
+class ImageScoreGraph(torch.nn.Module):
+    """An image-level detector as one traceable module: forward is the detector's own
+    `_score_tensor`, so predict and the export cannot disagree. Its networks are registered as
+    submodules (weights stay parameters); its other fitted tensors are traced as constants."""
+
+    def __init__(self, detector: Detector) -> None:
+        super().__init__()
+        self.detector = detector
+        for name, value in vars(detector).items():
+            if isinstance(value, torch.nn.Module):
+                self.add_module(name.rstrip("_"), value)
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.detector._score_tensor(pixels),)
 
 
 def _json_ready(value: Any) -> Any:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -208,9 +207,8 @@ class CutPaste(TrainedDetector):
         self.mean_, self.precision_ = fit_gaussian(vectors)
 
     # ---- score -------------------------------------------------------------------------------
-    def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, None]:
-        vectors = self.network_.representation(pixels)
-        return mahalanobis(vectors, self.mean_, self.precision_).numpy(), None
+    def _score_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
+        return mahalanobis(self.network_.representation(pixels), self.mean_, self.precision_)
 
     def classification_accuracy(self, images: list[ImageLike]) -> float:
         """How often the trained classifier tells `images` from their CutPaste (and Scar)

@@ -18,7 +18,6 @@ Two networks:
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -145,9 +144,9 @@ class DeepSVDD(TrainedDetector):
         return center.clone()
 
     # ---- score -------------------------------------------------------------------------------
-    def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, None]:
+    def _score_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
         inputs = pooled_features(self.backbone_(pixels)) if self.pretrained else pixels
-        return (self.network_(inputs) - self.center_).square().sum(dim=1).numpy(), None
+        return (self.network_(inputs) - self.center_).square().sum(dim=1)
 
     # ---- persistence -------------------------------------------------------------------------
     def _tensors(self) -> dict[str, torch.Tensor]:

@@ -13,9 +13,7 @@ Image-level only: `anomaly_map` is None.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from torch import nn
 
 from anomalens.backbones import (
     DEFAULT_BACKBONE,
@@ -76,14 +74,10 @@ class Gaussian(Detector):
             self.means_.append(mean)
             self.precisions_.append(precision)
 
-    def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, None]:
+    def _score_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
         vectors = pooled_features(self.backbone_(pixels))
         channels = list(self.backbone_.channels)
-        return summed_mahalanobis(vectors, channels, self.means_, self.precisions_).numpy(), None
-
-    def export_module(self) -> nn.Module:
-        self._check_fitted()
-        return GaussianGraph(self)
+        return summed_mahalanobis(vectors, channels, self.means_, self.precisions_)
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         tensors = backbone_tensors(self.backbone_)
@@ -113,23 +107,3 @@ def summed_mahalanobis(
         for level, mean, precision in zip(levels, means, precisions, strict=True)
     ]
     return torch.stack(distances).sum(dim=0)
-
-
-class GaussianGraph(nn.Module):
-    """A fitted `gaussian` as one traceable module: pixels (B, 3, S, S) in [0, 1] -> (scores,)."""
-
-    def __init__(self, model: Gaussian) -> None:
-        super().__init__()
-        self.backbone = model.backbone_
-        self.channels = list(model.backbone_.channels)
-        gaussians = zip(model.means_, model.precisions_, strict=True)
-        for level, (mean, precision) in enumerate(gaussians):
-            self.register_buffer(f"mean_{level}", mean)
-            self.register_buffer(f"precision_{level}", precision)
-
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor]:
-        levels = range(len(self.channels))
-        means = [getattr(self, f"mean_{level}") for level in levels]
-        precisions = [getattr(self, f"precision_{level}") for level in levels]
-        vectors = pooled_features(self.backbone(pixels))
-        return (summed_mahalanobis(vectors, self.channels, means, precisions),)

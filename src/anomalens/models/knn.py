@@ -4,16 +4,16 @@ Anomaly Detection", arXiv:2002.10445, 2020).
 1. Every image is represented by the global-average-pooled features of the last stage of an
    ImageNet-pretrained CNN (the paper: ResNet after its final pooling), with no fine-tuning.
 2. The anomaly score is the mean Euclidean distance to the `k` nearest normal training images
-   (the paper's default k = 2), found exactly with FAISS.
+   (the paper's default k = 2), found exactly by a matrix product and a top-k
+   (`anomalens.neighbors.k_nearest_by_matmul`: a few thousand training vectors need no index,
+   and the same function runs in the exported ONNX graph).
 
 Image-level only: `anomaly_map` is None.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from torch import nn
 
 from anomalens.backbones import (
     DEFAULT_BACKBONE,
@@ -25,7 +25,7 @@ from anomalens.backbones import (
 from anomalens.errors import ParameterError
 from anomalens.features import pooled_dataset_features, pooled_features
 from anomalens.models.base import Detector
-from anomalens.neighbors import NearestNeighbors, k_nearest_by_matmul
+from anomalens.neighbors import k_nearest_by_matmul
 from anomalens.preprocessing import ImageLike
 from anomalens.registry import register
 
@@ -71,43 +71,24 @@ class KNN(Detector):
         self.backbone_ = create_backbone(self.backbone, layers, self.weights)
         self.layers = list(self.backbone_.layers)
         vectors = pooled_dataset_features(self.backbone_, images, self.image_size, self.batch_size)
-        self.train_features_ = np.ascontiguousarray(vectors.numpy(), dtype=np.float32)
-        self.index_ = NearestNeighbors(self.train_features_)
+        self._set_features(vectors.float().contiguous())
 
-    def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, None]:
-        vectors = pooled_features(self.backbone_(pixels)).numpy()
-        distances, _ = self.index_.search(vectors, self.k)
-        return distances.mean(axis=1), None
-
-    def export_module(self) -> nn.Module:
-        self._check_fitted()
-        return KNNGraph(self)
+    def _score_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
+        vectors = pooled_features(self.backbone_(pixels))
+        k = min(self.k, len(self.train_features_))
+        distances = k_nearest_by_matmul(vectors, self.train_features_, self.squared_norms_, k)
+        return distances.mean(dim=1)
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {
-            "features": torch.from_numpy(self.train_features_),
+            "features": self.train_features_,
             **backbone_tensors(self.backbone_),
         }
 
     def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
         self.backbone_ = restore_backbone(self.backbone, self.layers, tensors)
-        self.train_features_ = np.ascontiguousarray(tensors["features"].numpy(), dtype=np.float32)
-        self.index_ = NearestNeighbors(self.train_features_)
+        self._set_features(tensors["features"].float())
 
-
-class KNNGraph(nn.Module):
-    """A fitted `knn` as one traceable module: pixels (B, 3, S, S) in [0, 1] -> (scores,), the
-    search written as a matrix product (`k_nearest_by_matmul`) instead of FAISS."""
-
-    def __init__(self, model: KNN) -> None:
-        super().__init__()
-        self.backbone = model.backbone_
-        features = torch.from_numpy(model.train_features_.copy())
-        self.register_buffer("features", features)
-        self.register_buffer("squared_norms", (features * features).sum(dim=1))
-        self.k = min(model.k, len(features))
-
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor]:
-        vectors = pooled_features(self.backbone(pixels))
-        distances = k_nearest_by_matmul(vectors, self.features, self.squared_norms, self.k)
-        return (distances.mean(dim=1),)
+    def _set_features(self, features: torch.Tensor) -> None:
+        self.train_features_ = features
+        self.squared_norms_ = (features * features).sum(dim=1)

@@ -121,10 +121,10 @@ class OneClassSVM(Detector):
         self.dual_coef_ = torch.from_numpy(svm.dual_coef_[0].astype(np.float32))
 
     # ---- score -------------------------------------------------------------------------------
-    def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, None]:
+    def _score_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
         features = self._features(pooled_features(self.backbone_(pixels)))
-        squared = torch.cdist(features, self.support_vectors_).square()
-        return -(torch.exp(-self.gamma_ * squared) @ self.dual_coef_).numpy(), None
+        squared = (features[:, None, :] - self.support_vectors_).square().sum(dim=-1)
+        return -(torch.exp(-self.gamma_ * squared) @ self.dual_coef_)
 
     # ---- persistence -------------------------------------------------------------------------
     def fitted_config(self) -> dict:

@@ -199,18 +199,18 @@ class RotNet(TrainedDetector):
         """(k, B, k): log-softmax of the network on each transformation of each image."""
         logits = self.network_(self._all_transformed(pixels))
         return F.log_softmax(logits.double(), dim=1).reshape(
-            len(self.transformations_), len(pixels), -1
+            len(self.transformations_), -1, logits.shape[-1]
         )
 
     # ---- score -------------------------------------------------------------------------------
-    def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, None]:
+    def _score_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
         log_probs = self._log_probabilities(pixels)
         if self.score == "dirichlet":
             normality = ((self.alphas_[:, None, :] - 1) * log_probs).sum(dim=(0, 2))
         else:
             count = len(self.transformations_)
             normality = log_probs[torch.arange(count), :, torch.arange(count)].mean(dim=0)
-        return (-normality).numpy(), None
+        return -normality
 
     def recognition_accuracy(self, images: list[ImageLike]) -> float:
         """Fraction of the k transformed versions of `images` whose transformation the network
