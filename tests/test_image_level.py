@@ -54,7 +54,7 @@ def test_knn_score_is_mean_distance_to_k_nearest(brick: Path) -> None:
     (batch,) = list(iter_batches([image], 64, 1))
     with torch.inference_mode():
         vector = pooled_features(model.backbone_(batch.pixels)).numpy()[0]
-    distances = np.sort(np.linalg.norm(model.train_features_ - vector, axis=1))
+    distances = np.sort(np.linalg.norm(model.train_features_.numpy() - vector, axis=1))
     assert score == pytest.approx(distances[:3].mean(), rel=1e-4)
 
 
