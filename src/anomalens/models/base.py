@@ -55,6 +55,12 @@ class Detector:
         self.batch_size = batch_size
         self.seed = seed
 
+    def _store_params(self, values: dict[str, Any]) -> None:
+        """Store each constructor parameter under its own name, unchanged: a subclass's
+        `__init__` is just `self._store_params(locals())`, as scikit-learn asks of constructors."""
+        for name in self.param_names():
+            setattr(self, name, values[name])
+
     @classmethod
     def param_names(cls) -> list[str]:
         """The constructor's parameter names, as scikit-learn reads them from the signature."""

@@ -58,25 +58,7 @@ class CFlow(FlowDetector):
         batch_size: int = 8,
         seed: int = 0,
     ) -> None:
-        super().__init__(
-            backbone=backbone,
-            layers=layers,
-            weights=weights,
-            flow_steps=flow_steps,
-            clamp=clamp,
-            learning_rate=learning_rate,
-            max_epochs=max_epochs,
-            time_budget_s=time_budget_s,
-            patience=patience,
-            smoothing_sigma=smoothing_sigma,
-            image_size=image_size,
-            target_fpr=target_fpr,
-            pixel_target_fpr=pixel_target_fpr,
-            validation_fraction=validation_fraction,
-            batch_size=batch_size,
-            seed=seed,
-        )
-        self.condition_dims = condition_dims
+        self._store_params(locals())
 
     def _build_flow(self, level: int, channels: int, generator: torch.Generator) -> nn.Module:
         if self.condition_dims < 4 or self.condition_dims % 4:

@@ -142,23 +142,7 @@ class CutPaste(TrainedDetector):
         batch_size: int = 16,
         seed: int = 0,
     ) -> None:
-        super().__init__(
-            image_size=image_size,
-            target_fpr=target_fpr,
-            pixel_target_fpr=pixel_target_fpr,
-            validation_fraction=validation_fraction,
-            batch_size=batch_size,
-            seed=seed,
-        )
-        self.backbone = backbone
-        self.weights = weights
-        self.variant = variant
-        self.freeze_stride = freeze_stride
-        self.head_dim = head_dim
-        self.max_epochs = max_epochs
-        self.time_budget_s = time_budget_s
-        self.patience = patience
-        self.learning_rate = learning_rate
+        self._store_params(locals())
 
     def _build(self, backbone: Backbone) -> None:
         self.network_ = CutPasteNetwork(backbone, 1 + len(VARIANTS[self.variant]), self.head_dim)

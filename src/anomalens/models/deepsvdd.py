@@ -74,24 +74,7 @@ class DeepSVDD(TrainedDetector):
         batch_size: int = 64,
         seed: int = 0,
     ) -> None:
-        super().__init__(
-            image_size=image_size,
-            target_fpr=target_fpr,
-            pixel_target_fpr=pixel_target_fpr,
-            validation_fraction=validation_fraction,
-            batch_size=batch_size,
-            seed=seed,
-        )
-        self.pretrained = pretrained
-        self.backbone = backbone
-        self.weights = weights
-        self.rep_dim = rep_dim
-        self.width = width
-        self.max_epochs = max_epochs
-        self.time_budget_s = time_budget_s
-        self.learning_rate = learning_rate
-        self.weight_decay = weight_decay
-        self.patience = patience
+        self._store_params(locals())
 
     def _build(self, weights: str) -> None:
         if self.pretrained:

@@ -94,26 +94,7 @@ class DFR(TrainedDetector):
         batch_size: int = 8,
         seed: int = 0,
     ) -> None:
-        super().__init__(
-            image_size=image_size,
-            target_fpr=target_fpr,
-            pixel_target_fpr=pixel_target_fpr,
-            validation_fraction=validation_fraction,
-            batch_size=batch_size,
-            seed=seed,
-        )
-        self.backbone = backbone
-        self.layers = layers
-        self.weights = weights
-        self.latent_channels = latent_channels
-        self.latent_variance = latent_variance
-        self.smoothing_sigma = smoothing_sigma
-        self.image_score = image_score
-        self.top_k = top_k
-        self.max_epochs = max_epochs
-        self.time_budget_s = time_budget_s
-        self.patience = patience
-        self.learning_rate = learning_rate
+        self._store_params(locals())
 
     # ---- features ----------------------------------------------------------------------------
     def _build_backbone(self, weights: str | Path) -> None:

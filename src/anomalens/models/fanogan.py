@@ -73,28 +73,7 @@ class FAnoGAN(TrainedDetector):
         batch_size: int = 16,
         seed: int = 0,
     ) -> None:
-        super().__init__(
-            image_size=image_size,
-            target_fpr=target_fpr,
-            pixel_target_fpr=pixel_target_fpr,
-            validation_fraction=validation_fraction,
-            batch_size=batch_size,
-            seed=seed,
-        )
-        self.latent_dim = latent_dim
-        self.width = width
-        self.kappa = kappa
-        self.n_critic = n_critic
-        self.gp_weight = gp_weight
-        self.residual = residual
-        self.smoothing_sigma = smoothing_sigma
-        self.augment = augment
-        self.max_epochs = max_epochs
-        self.encoder_epochs = encoder_epochs
-        self.time_budget_s = time_budget_s
-        self.gan_budget_fraction = gan_budget_fraction
-        self.patience = patience
-        self.learning_rate = learning_rate
+        self._store_params(locals())
 
     def _build(self) -> None:
         check_choice("residual", self.residual, RESIDUALS)

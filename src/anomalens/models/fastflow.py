@@ -53,25 +53,7 @@ class FastFlow(FlowDetector):
         batch_size: int = 8,
         seed: int = 0,
     ) -> None:
-        super().__init__(
-            backbone=backbone,
-            layers=layers,
-            weights=weights,
-            flow_steps=flow_steps,
-            clamp=clamp,
-            learning_rate=learning_rate,
-            max_epochs=max_epochs,
-            time_budget_s=time_budget_s,
-            patience=patience,
-            smoothing_sigma=smoothing_sigma,
-            image_size=image_size,
-            target_fpr=target_fpr,
-            pixel_target_fpr=pixel_target_fpr,
-            validation_fraction=validation_fraction,
-            batch_size=batch_size,
-            seed=seed,
-        )
-        self.hidden_ratio = hidden_ratio
+        self._store_params(locals())
 
     def _build_flow(self, level: int, channels: int, generator: torch.Generator) -> nn.Module:
         hidden = max(1, round(channels * self.hidden_ratio))

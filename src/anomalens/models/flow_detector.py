@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from anomalens.backbones import DEFAULT_BACKBONE, Backbone
+from anomalens.backbones import Backbone
 from anomalens.errors import AnomalensError
 from anomalens.features import backbone_features
 from anomalens.flows import gaussian_nll, nll_to_map
@@ -25,46 +25,10 @@ from anomalens.training import optimizer_step
 
 
 class FlowDetector(TrainedDetector):
-    """Shared fit / score / persistence of the flow detectors (see the module docstring)."""
-
-    def __init__(
-        self,
-        backbone: str = DEFAULT_BACKBONE,
-        layers: tuple[str, ...] | list[str] | None = None,
-        weights: str = "auto",
-        flow_steps: int = 8,
-        clamp: float = 2.0,
-        learning_rate: float = 1e-3,
-        max_epochs: int = 20,
-        time_budget_s: float | None = 300.0,
-        patience: int = 10,
-        smoothing_sigma: float = 4.0,
-        *,
-        image_size: int = 256,
-        target_fpr: float = 0.01,
-        pixel_target_fpr: float = 0.001,
-        validation_fraction: float = 0.1,
-        batch_size: int = 8,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(
-            image_size=image_size,
-            target_fpr=target_fpr,
-            pixel_target_fpr=pixel_target_fpr,
-            validation_fraction=validation_fraction,
-            batch_size=batch_size,
-            seed=seed,
-        )
-        self.backbone = backbone
-        self.layers = layers
-        self.weights = weights
-        self.flow_steps = flow_steps
-        self.clamp = clamp
-        self.learning_rate = learning_rate
-        self.max_epochs = max_epochs
-        self.time_budget_s = time_budget_s
-        self.patience = patience
-        self.smoothing_sigma = smoothing_sigma
+    """Shared fit / score / persistence of the flow detectors (see the module docstring).
+    Subclasses declare the parameters: `backbone`, `layers`, `weights`, `flow_steps`, `clamp`,
+    `learning_rate`, `max_epochs`, `time_budget_s`, `patience`, `smoothing_sigma` and the common
+    ones."""
 
     # ---- what a flow method implements --------------------------------------------------------
     def _build_flow(self, level: int, channels: int, generator: torch.Generator) -> nn.Module:

@@ -49,17 +49,7 @@ class Gaussian(Detector):
         batch_size: int = 8,
         seed: int = 0,
     ) -> None:
-        super().__init__(
-            image_size=image_size,
-            target_fpr=target_fpr,
-            pixel_target_fpr=pixel_target_fpr,
-            validation_fraction=validation_fraction,
-            batch_size=batch_size,
-            seed=seed,
-        )
-        self.backbone = backbone
-        self.layers = layers
-        self.weights = weights
+        self._store_params(locals())
 
     def _fit(self, images: list[ImageLike]) -> None:
         layers = self.layers or [module for module, _, _ in feature_levels(self.backbone)]

@@ -74,20 +74,7 @@ class OneClassSVM(Detector):
         batch_size: int = 32,
         seed: int = 0,
     ) -> None:
-        super().__init__(
-            image_size=image_size,
-            target_fpr=target_fpr,
-            pixel_target_fpr=pixel_target_fpr,
-            validation_fraction=validation_fraction,
-            batch_size=batch_size,
-            seed=seed,
-        )
-        self.backbone = backbone
-        self.layers = layers
-        self.weights = weights
-        self.nu = nu
-        self.gamma = gamma
-        self.normalize = normalize
+        self._store_params(locals())
 
     def _features(self, vectors: torch.Tensor | np.ndarray) -> torch.Tensor:
         vectors = torch.as_tensor(vectors, dtype=torch.float32)

@@ -73,21 +73,7 @@ class PaDiM(Detector):
         batch_size: int = 8,
         seed: int = 0,
     ) -> None:
-        super().__init__(
-            image_size=image_size,
-            target_fpr=target_fpr,
-            pixel_target_fpr=pixel_target_fpr,
-            validation_fraction=validation_fraction,
-            batch_size=batch_size,
-            seed=seed,
-        )
-        self.backbone = backbone
-        self.layers = layers
-        self.weights = weights
-        self.n_features = n_features
-        self.epsilon = epsilon
-        self.feature_stride = feature_stride
-        self.smoothing_sigma = smoothing_sigma
+        self._store_params(locals())
 
     # ---- embeddings --------------------------------------------------------------------------
     def _build_backbone(self) -> None:

@@ -63,22 +63,7 @@ class PatchCore(Detector):
         batch_size: int = 8,
         seed: int = 0,
     ) -> None:
-        super().__init__(
-            image_size=image_size,
-            target_fpr=target_fpr,
-            pixel_target_fpr=pixel_target_fpr,
-            validation_fraction=validation_fraction,
-            batch_size=batch_size,
-            seed=seed,
-        )
-        self.backbone = backbone
-        self.layers = layers
-        self.weights = weights
-        self.coreset_ratio = coreset_ratio
-        self.projection_dim = projection_dim
-        self.num_neighbors = num_neighbors
-        self.reweight = reweight
-        self.smoothing_sigma = smoothing_sigma
+        self._store_params(locals())
 
     # ---- features ----------------------------------------------------------------------------
     @torch.inference_mode()

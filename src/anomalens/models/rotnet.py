@@ -127,23 +127,7 @@ class RotNet(TrainedDetector):
         batch_size: int = 32,
         seed: int = 0,
     ) -> None:
-        super().__init__(
-            image_size=image_size,
-            target_fpr=target_fpr,
-            pixel_target_fpr=pixel_target_fpr,
-            validation_fraction=validation_fraction,
-            batch_size=batch_size,
-            seed=seed,
-        )
-        self.rotations = rotations
-        self.flips = flips
-        self.translation = translation
-        self.score = score
-        self.width = width
-        self.max_epochs = max_epochs
-        self.time_budget_s = time_budget_s
-        self.learning_rate = learning_rate
-        self.patience = patience
+        self._store_params(locals())
 
     def _check_params(self) -> None:
         if self.rotations not in (1, 2, 4):

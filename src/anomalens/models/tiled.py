@@ -50,19 +50,7 @@ class Tiled(Detector):
         batch_size: int = 8,
         seed: int = 0,
     ) -> None:
-        super().__init__(
-            image_size=image_size,
-            target_fpr=target_fpr,
-            pixel_target_fpr=pixel_target_fpr,
-            validation_fraction=validation_fraction,
-            batch_size=batch_size,
-            seed=seed,
-        )
-        self.detector = detector
-        self.detector_params = detector_params
-        self.tile_size = tile_size
-        self.tile_overlap = tile_overlap
-        self.stitch = stitch
+        self._store_params(locals())
 
     def _inner(self) -> Detector:
         params = dict(self.detector_params or {})

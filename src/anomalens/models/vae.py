@@ -99,26 +99,7 @@ class VAE(TrainedDetector):
         batch_size: int = 8,
         seed: int = 0,
     ) -> None:
-        super().__init__(
-            image_size=image_size,
-            target_fpr=target_fpr,
-            pixel_target_fpr=pixel_target_fpr,
-            validation_fraction=validation_fraction,
-            batch_size=batch_size,
-            seed=seed,
-        )
-        self.latent_dim = latent_dim
-        self.width = width
-        self.beta = beta
-        self.image_score = image_score
-        self.residual = residual
-        self.smoothing_sigma = smoothing_sigma
-        self.top_k = top_k
-        self.augment = augment
-        self.max_epochs = max_epochs
-        self.time_budget_s = time_budget_s
-        self.patience = patience
-        self.learning_rate = learning_rate
+        self._store_params(locals())
 
     def _build(self) -> VariationalAutoencoder:
         check_choice("image_score", self.image_score, VAE_SCORES)
