@@ -5,7 +5,9 @@ seeded `validation_fraction` of them, learns from the rest, and sets the image a
 at `target_fpr` / `pixel_target_fpr` on the held-out normal images the model never saw.
 `predict(images)` returns one `Prediction` per image (higher score = more anomalous). `calibrate`
 optionally replaces both thresholds by F1-optimal ones from an explicit labelled set. Fitted state
-ends in `_`. Subclasses implement `_fit`, `_score_batch`, `_tensors` and `_restore`.
+ends in `_`. Subclasses store their parameters with `self._store_params(locals())` and implement
+`_fit`, `_score_batch` (image-level methods: `_score_tensor`, which also makes them exportable),
+`_tensors` and `_restore`.
 """
 
 from __future__ import annotations
