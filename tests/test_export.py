@@ -162,6 +162,10 @@ SMALL_FITS = {
     "deepsvdd": {"image_size": 32, "max_epochs": 2},
     "rotnet": {"image_size": 32, "max_epochs": 2, "translation": 0.25},
     "cutpaste": {"image_size": 64, "max_epochs": 1, "batch_size": 4},
+    "autoencoder": {"image_size": 64, "max_epochs": 2},
+    "vae": {"image_size": 64, "max_epochs": 2},
+    "fanogan": {"image_size": 64, "max_epochs": 2},
+    "dfr": {"image_size": 64, "max_epochs": 2},
 }
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from anomalens.errors import ParameterError
@@ -54,14 +53,14 @@ def residual_map(images: torch.Tensor, reconstructions: torch.Tensor, kind: str)
     return error.mean(dim=1, keepdim=True)
 
 
-def image_scores(maps: torch.Tensor, how: str = "max", top_k: float = 0.01) -> np.ndarray:
+def image_scores(maps: torch.Tensor, how: str = "max", top_k: float = 0.01) -> torch.Tensor:
     """One score per (already smoothed) map: its maximum, or the mean of its `top_k` fraction of
     largest pixels (at least one)."""
     check_choice("image_score", how, IMAGE_SCORES)
     flat = maps.flatten(1)
     if how == "max":
-        return flat.amax(dim=1).numpy()
+        return flat.amax(dim=1)
     if not 0 < top_k <= 1:
         raise ParameterError(f"top_k must be a fraction of the pixels in (0, 1], got {top_k}")
     k = max(1, round(top_k * flat.shape[1]))
-    return flat.topk(k, dim=1).values.mean(dim=1).numpy()
+    return flat.topk(k, dim=1).values.mean(dim=1)

@@ -12,7 +12,6 @@ defect segmentation by applying structural similarity to autoencoders", VISAPP 2
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -91,10 +90,10 @@ class Autoencoder(TrainedDetector):
             "autoencoder", optimizer_step(loss, optimizer), data, [self.network_], augment=augment
         )
 
-    def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def _score_tensors(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         residuals = residual_map(pixels, self.network_(pixels), self.residual)
         maps = anomaly_maps(residuals, self.image_size, self.smoothing_sigma)
-        return image_scores(maps, self.image_score, self.top_k), maps.numpy()
+        return image_scores(maps, self.image_score, self.top_k), maps
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         return module_tensors("network", self.network_)

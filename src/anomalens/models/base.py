@@ -6,7 +6,7 @@ at `target_fpr` / `pixel_target_fpr` on the held-out normal images the model nev
 `predict(images)` returns one `Prediction` per image (higher score = more anomalous). `calibrate`
 optionally replaces both thresholds by F1-optimal ones from an explicit labelled set. Fitted state
 ends in `_`. Subclasses store their parameters with `self._store_params(locals())` and implement
-`_fit`, `_score_batch` (image-level methods: `_score_tensor`, which also makes them exportable),
+`_fit`, `_score_tensors` (or `_score_batch` where scoring leaves torch; only the first exports),
 `_tensors` and `_restore`.
 """
 
@@ -198,16 +198,16 @@ class Detector:
         """The fitted model as one traceable torch module for ONNX export (`anomalens.export`).
 
         Its forward takes pixels (B, 3, S, S) in [0, 1] and returns (scores (B,), maps (B, S, S)),
-        or (scores,) for image-level methods, computing what `_score_batch` computes. Image-level
-        methods that implement `_score_tensor` get one for free; methods without one raise
+        or (scores,) for image-level methods, computing what `_score_batch` computes. Methods
+        that implement `_score_tensors` get one for free; methods without one raise
         `ExportError`.
         """
         self._check_fitted()
-        if type(self)._score_tensor is Detector._score_tensor:
+        if type(self)._score_tensors is Detector._score_tensors:
             raise ExportError(
                 f"{self.name} models cannot be exported to ONNX (no exportable graph)"
             )
-        return ImageScoreGraph(self)
+        return ScoreGraph(self)
 
     # ---- persistence ------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -252,13 +252,13 @@ class Detector:
         raise NotImplementedError
 
     def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-        """Scores (B,) and anomaly maps (B, S, S) at the model's input size, or None. Image-level
-        methods implement `_score_tensor` instead."""
-        return self._score_tensor(pixels).numpy(), None
+        """Scores (B,) and anomaly maps (B, S, S) at the model's input size, or None."""
+        scores, maps = self._score_tensors(pixels)
+        return scores.numpy(), None if maps is None else maps.numpy()
 
-    def _score_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Image-level methods: the scores (B,) as one torch function of the pixels, which both
-        `predict` and the exported ONNX graph run."""
+    def _score_tensors(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scores (B,) and maps (B, S, S) (None for image-level methods) as one torch function of
+        the pixels, which both `predict` and the exported ONNX graph run."""
         raise NotImplementedError
 
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -268,10 +268,10 @@ class Detector:
         raise NotImplementedError
 
 
-class ImageScoreGraph(torch.nn.Module):
-    """An image-level detector as one traceable module: forward is the detector's own
-    `_score_tensor`, so predict and the export cannot disagree. Its networks are registered as
-    submodules (weights stay parameters); its other fitted tensors are traced as constants."""
+class ScoreGraph(torch.nn.Module):
+    """A detector as one traceable module: forward is the detector's own `_score_tensors`, so
+    predict and the export cannot disagree. Its networks are registered as submodules (weights
+    stay parameters); its other fitted tensors are traced as constants."""
 
     def __init__(self, detector: Detector) -> None:
         super().__init__()
@@ -280,8 +280,9 @@ class ImageScoreGraph(torch.nn.Module):
             if isinstance(value, torch.nn.Module):
                 self.add_module(name.rstrip("_"), value)
 
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor]:
-        return (self.detector._score_tensor(pixels),)
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        scores, maps = self.detector._score_tensors(pixels)
+        return (scores,) if maps is None else (scores, maps)
 
 
 def _json_ready(value: Any) -> Any:

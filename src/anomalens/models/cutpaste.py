@@ -191,8 +191,8 @@ class CutPaste(TrainedDetector):
         self.mean_, self.precision_ = fit_gaussian(vectors)
 
     # ---- score -------------------------------------------------------------------------------
-    def _score_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
-        return mahalanobis(self.network_.representation(pixels), self.mean_, self.precision_)
+    def _score_tensors(self, pixels: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return mahalanobis(self.network_.representation(pixels), self.mean_, self.precision_), None
 
     def classification_accuracy(self, images: list[ImageLike]) -> float:
         """How often the trained classifier tells `images` from their CutPaste (and Scar)

@@ -127,9 +127,9 @@ class DeepSVDD(TrainedDetector):
         return center.clone()
 
     # ---- score -------------------------------------------------------------------------------
-    def _score_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _score_tensors(self, pixels: torch.Tensor) -> tuple[torch.Tensor, None]:
         inputs = pooled_features(self.backbone_(pixels)) if self.pretrained else pixels
-        return (self.network_(inputs) - self.center_).square().sum(dim=1)
+        return (self.network_(inputs) - self.center_).square().sum(dim=1), None
 
     # ---- persistence -------------------------------------------------------------------------
     def _tensors(self) -> dict[str, torch.Tensor]:

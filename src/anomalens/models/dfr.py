@@ -22,7 +22,6 @@ from __future__ import annotations
 from itertools import pairwise
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -164,13 +163,13 @@ class DFR(TrainedDetector):
         )
 
     # ---- score -------------------------------------------------------------------------------
-    def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def _score_tensors(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         vectors, (height, width) = self._vectors(pixels)
         vectors = self._standardise(vectors)
         errors = ((self.network_(vectors) - vectors) ** 2).mean(dim=1)
-        errors = errors.view(len(pixels), 1, height, width)
+        errors = errors.view(-1, 1, height, width)
         maps = anomaly_maps(errors, self.image_size, self.smoothing_sigma)
-        return image_scores(maps, self.image_score, self.top_k), maps.numpy()
+        return image_scores(maps, self.image_score, self.top_k), maps
 
     # ---- persistence -------------------------------------------------------------------------
     def fitted_config(self) -> dict:

@@ -19,7 +19,6 @@ critic learns, so it is no loss whose plateau means the generator is done.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from anomalens.errors import ParameterError
@@ -175,11 +174,11 @@ class FAnoGAN(TrainedDetector):
         return image_residual + self.kappa * feature_residual
 
     # ---- score -------------------------------------------------------------------------------
-    def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def _score_tensors(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         reconstruction = self.generator_(self._encode(pixels))
         residuals = residual_map(pixels, reconstruction, self.residual)
         maps = anomaly_maps(residuals, self.image_size, self.smoothing_sigma)
-        return self._izif(pixels, reconstruction).numpy(), maps.numpy()
+        return self._izif(pixels, reconstruction), maps
 
     # ---- persistence -------------------------------------------------------------------------
     def _tensors(self) -> dict[str, torch.Tensor]:

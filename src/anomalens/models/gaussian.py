@@ -64,10 +64,10 @@ class Gaussian(Detector):
             self.means_.append(mean)
             self.precisions_.append(precision)
 
-    def _score_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _score_tensors(self, pixels: torch.Tensor) -> tuple[torch.Tensor, None]:
         vectors = pooled_features(self.backbone_(pixels))
         channels = list(self.backbone_.channels)
-        return summed_mahalanobis(vectors, channels, self.means_, self.precisions_)
+        return summed_mahalanobis(vectors, channels, self.means_, self.precisions_), None
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         tensors = backbone_tensors(self.backbone_)

@@ -62,11 +62,11 @@ class KNN(Detector):
         vectors = pooled_dataset_features(self.backbone_, images, self.image_size, self.batch_size)
         self._set_features(vectors.float().contiguous())
 
-    def _score_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _score_tensors(self, pixels: torch.Tensor) -> tuple[torch.Tensor, None]:
         vectors = pooled_features(self.backbone_(pixels))
         k = min(self.k, len(self.train_features_))
         distances = k_nearest_by_matmul(vectors, self.train_features_, self.squared_norms_, k)
-        return distances.mean(dim=1)
+        return distances.mean(dim=1), None
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {

@@ -108,10 +108,10 @@ class OneClassSVM(Detector):
         self.dual_coef_ = torch.from_numpy(svm.dual_coef_[0].astype(np.float32))
 
     # ---- score -------------------------------------------------------------------------------
-    def _score_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _score_tensors(self, pixels: torch.Tensor) -> tuple[torch.Tensor, None]:
         features = self._features(pooled_features(self.backbone_(pixels)))
         squared = (features[:, None, :] - self.support_vectors_).square().sum(dim=-1)
-        return -(torch.exp(-self.gamma_ * squared) @ self.dual_coef_)
+        return -(torch.exp(-self.gamma_ * squared) @ self.dual_coef_), None
 
     # ---- persistence -------------------------------------------------------------------------
     def fitted_config(self) -> dict:

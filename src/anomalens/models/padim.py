@@ -33,7 +33,6 @@ import itertools
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from anomalens.backbones import (
     DEFAULT_BACKBONE,
@@ -90,7 +89,17 @@ class PaDiM(Detector):
         return torch.randperm(total, generator=generator)[: self.n_features].sort().values
 
     def _embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        return embed(self.backbone_(pixels), self.layer_channels_, self.grid_)
+        """(B, 3, S, S) -> embeddings (B, h * w, d) on the grid of `feature_stride`: the kept
+        channels of every layer, resized to the grid (finer maps averaged, coarser upsampled)."""
+        parts = []
+        for features, keep in zip(self.backbone_(pixels), self.layer_channels_, strict=True):
+            features = features.index_select(1, keep)
+            if features.shape[-1] > self.grid_[1]:
+                features = F.adaptive_avg_pool2d(features, self.grid_)
+            elif tuple(features.shape[-2:]) != self.grid_:
+                features = F.interpolate(features, size=self.grid_, mode="bilinear")
+            parts.append(features)
+        return torch.cat(parts, dim=1).flatten(2).transpose(1, 2)
 
     def _prepare(self, channels: torch.Tensor) -> None:
         """Fitted helpers: the kept channel indices within each layer, and the grid size."""
@@ -146,21 +155,14 @@ class PaDiM(Detector):
         return precision
 
     # ---- score -------------------------------------------------------------------------------
-    def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        scores, maps = mahalanobis_maps(
-            self._embed(pixels),
-            self.mean_,
-            self.precision_,
-            self.grid_,
-            self.image_size,
-            self.smoothing_sigma,
-        )
-        return scores.numpy(), maps.numpy()
-
-    # ---- export ------------------------------------------------------------------------------
-    def export_module(self) -> nn.Module:
-        self._check_fitted()
-        return PaDiMGraph(self)
+    def _score_tensors(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding = self._embed(pixels)  # (B, P, d)
+        # Contiguous (P, B, d): bmm on the channel-major view is ~5x slower.
+        centred = (embedding - self.mean_).transpose(0, 1).contiguous()
+        squared = (torch.bmm(centred, self.precision_) * centred).sum(dim=-1).clamp_min(0.0)
+        maps = squared.sqrt().transpose(0, 1).reshape(-1, 1, *self.grid_)
+        maps = anomaly_maps(maps, self.image_size, self.smoothing_sigma)
+        return maps.flatten(1).amax(dim=1), maps
 
     # ---- persistence -------------------------------------------------------------------------
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -176,61 +178,3 @@ class PaDiM(Detector):
         self._prepare(tensors["channels"].long())
         self.mean_ = tensors["mean"].float()
         self.precision_ = tensors["precision"].float()
-
-
-def embed(
-    feature_maps: list[torch.Tensor], layer_channels: list[torch.Tensor], grid: tuple[int, int]
-) -> torch.Tensor:
-    """Feature maps -> embeddings (B, h * w, d) on `grid`: the kept channels of every layer,
-    resized to the grid (finer maps averaged, coarser upsampled)."""
-    parts = []
-    for features, keep in zip(feature_maps, layer_channels, strict=True):
-        features = features.index_select(1, keep)
-        if features.shape[-1] > grid[1]:
-            features = F.adaptive_avg_pool2d(features, grid)
-        elif tuple(features.shape[-2:]) != grid:
-            features = F.interpolate(features, size=grid, mode="bilinear")
-        parts.append(features)
-    return torch.cat(parts, dim=1).flatten(2).transpose(1, 2)
-
-
-def mahalanobis_maps(
-    embedding: torch.Tensor,
-    mean: torch.Tensor,
-    precision: torch.Tensor,
-    grid: tuple[int, int],
-    image_size: int,
-    sigma: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings (B, P, d) -> image scores (B,) and maps (B, S, S): the Mahalanobis distance of
-    each patch to its position's Gaussian, upsampled and smoothed; the score is the map maximum."""
-    # Contiguous (P, B, d): bmm on the channel-major view is ~5x slower.
-    centred = (embedding - mean).transpose(0, 1).contiguous()
-    squared = (torch.bmm(centred, precision) * centred).sum(dim=-1).clamp_min(0.0)
-    maps = squared.sqrt().transpose(0, 1).reshape(-1, 1, *grid)
-    maps = anomaly_maps(maps, image_size, sigma)
-    return maps.flatten(1).amax(dim=1), maps
-
-
-class PaDiMGraph(nn.Module):
-    """A fitted PaDiM as one traceable module: pixels (B, 3, S, S) in [0, 1] -> image scores (B,)
-    and anomaly maps (B, S, S), the same functions as `PaDiM._score_batch`."""
-
-    def __init__(self, model: PaDiM) -> None:
-        super().__init__()
-        self.backbone = model.backbone_
-        self.levels = len(model.layer_channels_)
-        for level, keep in enumerate(model.layer_channels_):
-            self.register_buffer(f"keep_{level}", keep.clone())
-        self.register_buffer("mean", model.mean_)
-        self.register_buffer("precision", model.precision_)
-        self.grid = model.grid_
-        self.image_size = model.image_size
-        self.sigma = model.smoothing_sigma
-
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keep = [getattr(self, f"keep_{level}") for level in range(self.levels)]
-        embedding = embed(self.backbone(pixels), keep, self.grid)
-        return mahalanobis_maps(
-            embedding, self.mean, self.precision, self.grid, self.image_size, self.sigma
-        )

@@ -187,14 +187,14 @@ class RotNet(TrainedDetector):
         )
 
     # ---- score -------------------------------------------------------------------------------
-    def _score_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _score_tensors(self, pixels: torch.Tensor) -> tuple[torch.Tensor, None]:
         log_probs = self._log_probabilities(pixels)
         if self.score == "dirichlet":
             normality = ((self.alphas_[:, None, :] - 1) * log_probs).sum(dim=(0, 2))
         else:
             count = len(self.transformations_)
             normality = log_probs[torch.arange(count), :, torch.arange(count)].mean(dim=0)
-        return -normality
+        return -normality, None
 
     def recognition_accuracy(self, images: list[ImageLike]) -> float:
         """Fraction of the k transformed versions of `images` whose transformation the network

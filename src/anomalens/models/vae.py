@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -122,17 +121,15 @@ class VAE(TrainedDetector):
 
         self._train("vae", optimizer_step(loss, optimizer), data, [self.network_], augment=augment)
 
-    def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def _score_tensors(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         nll, kl, reconstruction = self.network_.terms(pixels, sample=False)
         residuals = residual_map(pixels, reconstruction, self.residual)
         maps = anomaly_maps(residuals, self.image_size, self.smoothing_sigma)
         if self.image_score == "elbo":
-            scores = (nll + kl).numpy()
-        elif self.image_score == "reconstruction":
-            scores = nll.numpy()
-        else:
-            scores = image_scores(maps, self.image_score, self.top_k)
-        return scores, maps.numpy()
+            return nll + kl, maps
+        if self.image_score == "reconstruction":
+            return nll, maps
+        return image_scores(maps, self.image_score, self.top_k), maps
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         return module_tensors("network", self.network_)
