@@ -4,15 +4,15 @@ Anomaly Detection", arXiv:2002.10445, 2020).
 1. Every image is represented by the global-average-pooled features of the last stage of an
    ImageNet-pretrained CNN (the paper: ResNet after its final pooling), with no fine-tuning.
 2. The anomaly score is the mean Euclidean distance to the `k` nearest normal training images
-   (the paper's default k = 2), found exactly by a matrix product and a top-k
-   (`anomalens.neighbors.k_nearest_by_matmul`: a few thousand training vectors need no index,
-   and the same function runs in the exported ONNX graph).
+   (the paper's default k = 2), found exactly with FAISS; the exported ONNX graph does the same
+   search as a matrix product and a top-k (`anomalens.neighbors.k_nearest_by_matmul`).
 
 Image-level only: `anomaly_map` is None.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from anomalens.backbones import (
@@ -25,7 +25,7 @@ from anomalens.backbones import (
 from anomalens.errors import ParameterError
 from anomalens.features import pooled_dataset_features, pooled_features
 from anomalens.models.base import Detector
-from anomalens.neighbors import k_nearest_by_matmul
+from anomalens.neighbors import NearestNeighbors, k_nearest_by_matmul
 from anomalens.preprocessing import ImageLike
 from anomalens.registry import register
 
@@ -62,10 +62,18 @@ class KNN(Detector):
         vectors = pooled_dataset_features(self.backbone_, images, self.image_size, self.batch_size)
         self._set_features(vectors.float().contiguous())
 
+    def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, None]:
+        vectors = pooled_features(self.backbone_(pixels)).numpy()
+        distances, _ = self.index_.search(vectors, self.k)
+        return distances.mean(axis=1), None
+
     def _score_tensors(self, pixels: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """The exported graph's version of `_score_batch`: the same exact search written as a
+        matrix product and a top-k, which ONNX can hold."""
         vectors = pooled_features(self.backbone_(pixels))
-        k = min(self.k, len(self.train_features_))
-        distances = k_nearest_by_matmul(vectors, self.train_features_, self.squared_norms_, k)
+        features = self.train_features_
+        k = min(self.k, len(features))
+        distances = k_nearest_by_matmul(vectors, features, (features * features).sum(dim=1), k)
         return distances.mean(dim=1), None
 
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -80,4 +88,4 @@ class KNN(Detector):
 
     def _set_features(self, features: torch.Tensor) -> None:
         self.train_features_ = features
-        self.squared_norms_ = (features * features).sum(dim=1)
+        self.index_ = NearestNeighbors(features.numpy())
