@@ -24,8 +24,8 @@ import torch
 
 from anomalens.data.io import load_image
 from anomalens.data.mvtec import test_samples
-from anomalens.evaluation import fit_and_evaluate
-from anomalens.preprocessing import resize_to_tensor
+from anomalens.data.preprocessing import resize_to_tensor
+from anomalens.evaluation.evaluator import fit_and_evaluate
 
 
 def speed(model, root: Path, repeats: int = 20) -> dict:

@@ -32,7 +32,7 @@ import anomalens
 from anomalens.data.io import load_image
 from anomalens.data.mvtec import test_samples, training_images
 from anomalens.data.synthetic import make_category
-from anomalens.export import export_onnx
+from anomalens.deploy.export import export_onnx
 
 HOST = "127.0.0.1"
 

@@ -31,8 +31,8 @@ import torch
 
 import anomalens
 from anomalens.data.labelled import load_labelled, one_class_split
-from anomalens.evaluation import fit_and_evaluate
-from anomalens.metrics import image_auroc
+from anomalens.evaluation.evaluator import fit_and_evaluate
+from anomalens.evaluation.metrics import image_auroc
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top",

@@ -28,9 +28,9 @@ import torch
 import anomalens
 from anomalens.data.io import load_image
 from anomalens.data.mvtec import test_samples, training_images
+from anomalens.data.preprocessing import resize_to_tensor
 from anomalens.data.synthetic import make_category
-from anomalens.export import export_onnx
-from anomalens.preprocessing import resize_to_tensor
+from anomalens.deploy.export import export_onnx
 
 THREADS = 2
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 import anomalens
-from anomalens.benchmark import interleaved_speed
 from anomalens.data.mvtec import test_samples, training_images
+from anomalens.evaluation.benchmark import interleaved_speed
 
 
 def main() -> None:

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 import anomalens
-from anomalens.benchmark import batch1_speed
 from anomalens.data.mvtec import test_samples, training_images
-from anomalens.evaluation import evaluate
+from anomalens.evaluation.benchmark import batch1_speed
+from anomalens.evaluation.evaluator import evaluate
 
 
 def peak_rss_mb() -> float:

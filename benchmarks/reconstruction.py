@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from anomalens.evaluation import evaluate, fit_and_evaluate
+from anomalens.evaluation.evaluator import evaluate, fit_and_evaluate
 
 DATASETS = ("mvtec_bottle_512", "magnetic_tile")
 MODELS = ("autoencoder", "vae", "fanogan", "dfr")

@@ -8,14 +8,14 @@ import timm
 import torch
 from skimage import data
 
-from anomalens.backbones import (
+from anomalens.errors import WeightsError
+from anomalens.features.backbones import (
     OFFLINE_WEIGHTS,
     Backbone,
     create_classifier,
     default_layers,
     read_state_dict,
 )
-from anomalens.errors import WeightsError
 
 
 @pytest.mark.parametrize(

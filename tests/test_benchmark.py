@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from anomalens.benchmark import ModelSpec, parse_models, run_benchmark
 from anomalens.errors import AnomalensError
+from anomalens.evaluation.benchmark import ModelSpec, parse_models, run_benchmark
 
 
 def test_parse_models_labels_and_parameters() -> None:

@@ -49,7 +49,7 @@ def model_file(brick: Path, tmp_path_factory) -> Path:
 
 
 def test_fit_writes_a_model_file(model_file: Path) -> None:
-    from anomalens.model_io import read_config
+    from anomalens.core.model_file import read_config
 
     config = read_config(model_file)
     assert config["params"]["coreset_ratio"] == 0.25 and config["params"]["image_size"] == 128

@@ -11,13 +11,13 @@ import torch
 from typer.testing import CliRunner
 
 import anomalens
-from anomalens.backbones import Backbone
 from anomalens.cli import app
-from anomalens.data.cutpaste import cutpaste, cutpaste_scar
+from anomalens.data.augment import cutpaste, cutpaste_scar
 from anomalens.data.mvtec import test_samples, training_images
 from anomalens.data.synthetic import normal_crop
 from anomalens.errors import ParameterError
-from anomalens.metrics import image_auroc
+from anomalens.evaluation.metrics import image_auroc
+from anomalens.features.backbones import Backbone
 
 SMALL = {"image_size": 96, "batch_size": 4, "max_epochs": 3, "learning_rate": 3e-4}
 """A fit of a few seconds on the brick fixture (14 images; 4 steps per epoch)."""

@@ -14,11 +14,11 @@ import torch
 
 import anomalens
 from anomalens.cli import main
+from anomalens.core.detector import Detector
 from anomalens.data.io import load_image
 from anomalens.data.mvtec import test_samples
+from anomalens.deploy.export import export_onnx
 from anomalens.errors import AnomalensError, ExportError, ModelFileError, NotFittedError
-from anomalens.export import export_onnx
-from anomalens.models.base import Detector
 
 
 def run_cli(monkeypatch, capsys, *args: object) -> tuple[int, str, str]:

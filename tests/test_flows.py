@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import anomalens
+from anomalens.components.flows import build_flow, gaussian_nll, nll_to_map, positional_encoding
 from anomalens.data.mvtec import test_samples, training_images
-from anomalens.flows import build_flow, gaussian_nll, nll_to_map, positional_encoding
-from anomalens.metrics import image_auroc
+from anomalens.evaluation.metrics import image_auroc
 
 SMALL = {"flow_steps": 4, "max_epochs": 3, "image_size": 128, "time_budget_s": None}
 

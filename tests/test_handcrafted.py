@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from anomalens.backbones import create_backbone, feature_levels, layers_with_strides
 from anomalens.errors import WeightsError
-from anomalens.handcrafted import CHANNELS, LBP_CODES, HandcraftedFeatures
+from anomalens.features.backbones import create_backbone, feature_levels, layers_with_strides
+from anomalens.features.handcrafted import CHANNELS, LBP_CODES, HandcraftedFeatures
 
 
 def stripes(vertical: bool, size: int = 64) -> torch.Tensor:

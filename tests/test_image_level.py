@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import anomalens
 from anomalens.cli import app
 from anomalens.data.mvtec import test_samples, training_images
-from anomalens.evaluation import evaluate
+from anomalens.evaluation.evaluator import evaluate
 
 
 @pytest.fixture(scope="module", params=["gaussian", "knn"])
@@ -48,8 +48,8 @@ def test_knn_score_is_mean_distance_to_k_nearest(brick: Path) -> None:
     model = anomalens.create("knn", image_size=64, k=3).fit(training_images(brick))
     image = test_samples(brick)[-1].path
     (score,) = model.decision_function([image])
-    from anomalens.features import pooled_features
-    from anomalens.preprocessing import iter_batches
+    from anomalens.data.preprocessing import iter_batches
+    from anomalens.features.patches import pooled_features
 
     (batch,) = list(iter_batches([image], 64, 1))
     with torch.inference_mode():

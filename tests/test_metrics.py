@@ -10,7 +10,7 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 from anomalens.errors import DataError
-from anomalens.metrics import (
+from anomalens.evaluation.metrics import (
     aupro,
     evaluate_predictions,
     image_aupr,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from anomalens.neighbors import NearestNeighbors, greedy_coreset
+from anomalens.components.neighbors import NearestNeighbors, greedy_coreset
 
 
 def _covering_radius(points: np.ndarray, chosen: np.ndarray) -> float:

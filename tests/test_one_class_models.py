@@ -11,7 +11,7 @@ import torch
 import anomalens
 from anomalens.data.labelled import load_labelled, one_class_split
 from anomalens.data.synthetic import normal_crop
-from anomalens.metrics import image_auroc
+from anomalens.evaluation.metrics import image_auroc
 from anomalens.models.rotnet import apply_transformation, fit_dirichlet, transformations
 from tests.conftest import shared_dataset
 
@@ -173,7 +173,7 @@ def test_ocsvm_scores_match_scikit_learn() -> None:
     """Our torch scoring of the stored support vectors is scikit-learn's score_samples."""
     from sklearn.svm import OneClassSVM
 
-    from anomalens.features import pooled_dataset_features
+    from anomalens.features.patches import pooled_dataset_features
 
     train = textures("brick", 20, seed=0)
     model = anomalens.create("ocsvm", image_size=64, gamma="scale", validation_fraction=0.1)

@@ -10,7 +10,7 @@ import torch
 
 import anomalens
 from anomalens.data.mvtec import load_sample_mask, test_samples, training_images
-from anomalens.evaluation import evaluate
+from anomalens.evaluation.evaluator import evaluate
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import pytest
 import anomalens
 from anomalens.data.mvtec import load_sample_mask, test_samples, training_images
 from anomalens.errors import DataError, ModelFileError, NotFittedError
-from anomalens.evaluation import evaluate
-from anomalens.metrics import image_auroc
+from anomalens.evaluation.evaluator import evaluate
+from anomalens.evaluation.metrics import image_auroc
 
 
 def test_registry_lists_and_creates_patchcore() -> None:
@@ -97,7 +97,7 @@ def test_save_load_roundtrip_gives_identical_predictions(fitted_patchcore, brick
 
 
 def test_model_file_has_no_pickle_and_a_json_config(fitted_patchcore, tmp_path) -> None:
-    from anomalens.model_io import read_config
+    from anomalens.core.model_file import read_config
 
     path = fitted_patchcore.save(tmp_path / "m.safetensors")
     raw = path.read_bytes()

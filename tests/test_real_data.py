@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from anomalens.data.mvtec import test_samples, training_images
-from anomalens.evaluation import fit_and_evaluate
+from anomalens.evaluation.evaluator import fit_and_evaluate
 from tests.conftest import shared_dataset
 
 

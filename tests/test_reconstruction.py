@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import anomalens
+from anomalens.components.networks import make_augmentation
+from anomalens.components.residuals import image_scores, residual_map, ssim
 from anomalens.data.mvtec import load_sample_mask, test_samples, training_images
 from anomalens.data.synthetic import add_defect
 from anomalens.errors import ParameterError
-from anomalens.metrics import image_auroc
-from anomalens.networks import make_augmentation
-from anomalens.reconstruction import image_scores, residual_map, ssim
+from anomalens.evaluation.metrics import image_auroc
 
 SIZE = 32
 

@@ -27,7 +27,7 @@ from PIL import Image
 
 import anomalens
 from anomalens.data.mvtec import test_samples
-from anomalens.serve import Settings, create_app
+from anomalens.deploy.serve import Settings, create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 MAX_UPLOAD = 2_000_000
@@ -368,7 +368,7 @@ def test_image_level_onnx_model_is_served_without_heatmaps(brick: Path, tmp_path
     from fastapi.testclient import TestClient
 
     from anomalens.data.mvtec import training_images
-    from anomalens.export import export_onnx
+    from anomalens.deploy.export import export_onnx
 
     model = anomalens.create("gaussian", image_size=64).fit(training_images(brick))
     onnx_file = export_onnx(model, tmp_path / "gaussian.onnx")

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anomalens.errors import DataError
-from anomalens.thresholds import (
+from anomalens.core.thresholds import (
     f1_optimal_threshold,
     pixel_f1_optimal_threshold,
     threshold_at_fpr,
 )
+from anomalens.errors import DataError
 
 
 def f1_of(labels, flagged):

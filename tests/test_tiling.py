@@ -10,10 +10,10 @@ from scipy import ndimage
 from typer.testing import CliRunner
 
 import anomalens
+from anomalens.components.tiling import Stitcher, TiledImages, check_tiling, tile_grid, tile_starts
 from anomalens.errors import AnomalensError
-from anomalens.metrics import image_auroc
+from anomalens.evaluation.metrics import image_auroc
 from anomalens.models.tiled import Tiled, tiled
-from anomalens.tiling import Stitcher, TiledImages, check_tiling, tile_grid, tile_starts
 
 
 def test_tiles_cover_the_image_with_the_requested_overlap() -> None:
@@ -124,7 +124,7 @@ def test_resizing_misses_a_small_defect_that_tiling_finds(stripes, tiled_patchco
 def test_tiled_model_saves_loads_and_checks_its_detector(
     tiled_patchcore, stripes, tmp_path
 ) -> None:
-    from anomalens.model_io import read_config
+    from anomalens.core.model_file import read_config
 
     path = tiled_patchcore.save(tmp_path / "tiled.safetensors")
     config = read_config(path)

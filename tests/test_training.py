@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from anomalens.training import optimizer_step, train
+from anomalens.core.training import optimizer_step, train
 
 
 def _problem(seed: int = 0):

@@ -10,10 +10,10 @@ onnx_model = anomalens.OnnxModel("model.onnx")  # after `anomalens export`: ONNX
 
 from typing import Any
 
+from anomalens.core.model_file import load_model as load
+from anomalens.core.prediction import Prediction
+from anomalens.core.registry import create, list_models
 from anomalens.errors import AnomalensError
-from anomalens.model_io import load_model as load
-from anomalens.prediction import Prediction
-from anomalens.registry import create, list_models
 
 __version__ = "0.1.0"
 
@@ -30,7 +30,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name == "OnnxModel":  # imported on first use: onnxruntime is only needed for it
-        from anomalens.runtime import OnnxModel
+        from anomalens.deploy.onnx_model import OnnxModel
 
         return OnnxModel
     raise AttributeError(f"module 'anomalens' has no attribute {name!r}")

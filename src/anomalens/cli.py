@@ -18,14 +18,14 @@ from rich.table import Table
 
 import anomalens
 from anomalens import progress
-from anomalens.benchmark import DEFAULT_MODELS, parse_models, run_benchmark
+from anomalens.components.tiling import check_tiling
 from anomalens.data.io import list_images, to_rgb_array
 from anomalens.data.mvtec import training_images
 from anomalens.errors import AnomalensError, DataError, ImageReadError
-from anomalens.evaluation import evaluate as evaluate_model
+from anomalens.evaluation.benchmark import DEFAULT_MODELS, parse_models, run_benchmark
+from anomalens.evaluation.evaluator import evaluate as evaluate_model
+from anomalens.evaluation.viz import ResultRow, overlay, save_png, write_results_page
 from anomalens.models.tiled import tiled
-from anomalens.tiling import check_tiling
-from anomalens.viz import ResultRow, overlay, save_png, write_results_page
 
 app = typer.Typer(
     help="Unsupervised visual anomaly detection: fit on normal images, find and localise defects.",
@@ -337,7 +337,7 @@ def export(
     fmt: Annotated[str, typer.Option("--format", help="Export format: onnx.")] = "onnx",
 ) -> None:
     """Export a model as one ONNX graph (pixels -> score, anomaly map) for ONNX Runtime."""
-    from anomalens.export import FORMATS, export_onnx
+    from anomalens.deploy.export import FORMATS, export_onnx
 
     if fmt not in FORMATS:
         raise AnomalensError(f"unknown export format {fmt!r}; available: {', '.join(FORMATS)}")
@@ -360,7 +360,7 @@ def serve(
     max_upload_mb: Annotated[float, typer.Option(help="Largest request body, in MB.")] = 20.0,
 ) -> None:
     """Serve a model over HTTP: POST /v1/predict, GET /v1/model, /healthz, /docs, web page at /."""
-    from anomalens.serve import serve as run_service
+    from anomalens.deploy.serve import serve as run_service
 
     run_service(
         model_file,
@@ -374,7 +374,7 @@ def serve(
 @app.command()
 def info(model_file: Annotated[Path, typer.Argument(metavar="MODEL")]) -> None:
     """Print a model file's (or ONNX export's) configuration: model, parameters, thresholds."""
-    from anomalens.model_io import read_config
+    from anomalens.core.model_file import read_config
 
     console.print_json(json.dumps(read_config(model_file)))
 

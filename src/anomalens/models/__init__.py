@@ -1,5 +1,6 @@
 """Built-in detectors, one module per method; importing this package registers them."""
 
+from anomalens.core.detector import Detector
 from anomalens.models import (
     autoencoder,
     cflow,
@@ -17,7 +18,6 @@ from anomalens.models import (
     tiled,
     vae,
 )
-from anomalens.models.base import Detector
 
 __all__ = [
     "Detector",

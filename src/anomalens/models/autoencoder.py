@@ -15,17 +15,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from anomalens.models.trained import TrainedDetector
-from anomalens.networks import (
+from anomalens.components.maps import anomaly_maps
+from anomalens.components.networks import (
     ConvDecoder,
     ConvEncoder,
     load_module_tensors,
     make_augmentation,
     module_tensors,
 )
-from anomalens.ops import anomaly_maps
-from anomalens.preprocessing import ImageLike, load_resized
-from anomalens.reconstruction import (
+from anomalens.components.residuals import (
     IMAGE_SCORES,
     RESIDUALS,
     check_choice,
@@ -33,8 +31,10 @@ from anomalens.reconstruction import (
     image_scores,
     residual_map,
 )
-from anomalens.registry import register
-from anomalens.training import optimizer_step
+from anomalens.core.registry import register
+from anomalens.core.trainable import TrainedDetector
+from anomalens.core.training import optimizer_step
+from anomalens.data.preprocessing import ImageLike, load_resized
 
 
 @register

@@ -16,7 +16,8 @@ flows train on the cached features; a minibatch is all positions of `batch_size`
 than random 256-position fibers (the same data per epoch in fewer, larger steps); the
 positional encoding has 64 channels instead of 128 (enough for the 32x32 grid of a 256-px image
 at stride 8, and it halves the subnets' input). Coupling blocks, log-determinants and the
-NLL-to-map step live in `anomalens.flows` (shared with FastFlow; see there why not FrEIA).
+NLL-to-map step live in `anomalens.components.flows` (shared with FastFlow; see there why not
+FrEIA).
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from anomalens.backbones import DEFAULT_BACKBONE
+from anomalens.components.flows import build_flow, positional_encoding, zero_last_layer
+from anomalens.core.registry import register
 from anomalens.errors import AnomalensError
-from anomalens.flows import build_flow, positional_encoding, zero_last_layer
+from anomalens.features.backbones import DEFAULT_BACKBONE
 from anomalens.models.flow_detector import FlowDetector
-from anomalens.registry import register
 
 
 @register

@@ -4,17 +4,17 @@ and Localization", CVPR 2021), image level.
 1. Self-supervision (sec. 3.1): a network learns to tell normal images from the same images with
    a CutPaste defect (a rectangle cut out, colour-jittered and pasted elsewhere) and, in the
    paper's 3-way variant (the default, `variant="3way"`), with a CutPaste-Scar (a thin rotated
-   rectangle); `anomalens.data.cutpaste` makes the defects. `variant="cutpaste"` or `"scar"`
+   rectangle); `anomalens.data.augment` makes the defects. `variant="cutpaste"` or `"scar"`
    trains the binary variants.
 2. Network: an ImageNet-pretrained CNN (the paper fine-tunes ResNet-18; here the offline
    `tf_efficientnet_lite0`), its global-average-pooled stride-16 and stride-32 stages as the
    representation f(x), a two-layer MLP projection head (ReLU, no batch norm) and a linear
    classifier over the 2 or 3 classes, trained with cross-entropy by THE training loop
-   (`anomalens.training.train`, the defects made by its seeded generator).
+   (`anomalens.core.training.train`, the defects made by its seeded generator).
 3. Scoring (sec. 3.2): a Gaussian density estimator on f(x) of the normal training images (mean
-   and Ledoit-Wolf-shrunk covariance, `anomalens.density`); the anomaly score is the Mahalanobis
-   distance (the Gaussian's negative log-density up to a constant and a monotone map). The density
-   sits on the representation before the head, as in the public implementations.
+   and Ledoit-Wolf-shrunk covariance, `anomalens.components.density`); the anomaly score is the
+   Mahalanobis distance (the Gaussian's negative log-density up to a constant and a monotone
+   map). The density sits on the representation before the head, as in the public implementations.
 
 CPU defaults, for a fit of a few minutes on 2 cores (MVTec bottle, 188 training images):
 - 224-pixel input (the paper: 256).
@@ -42,7 +42,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomalens.backbones import (
+from anomalens.components.density import fit_gaussian, mahalanobis
+from anomalens.components.networks import load_module_tensors, module_tensors
+from anomalens.components.residuals import check_choice
+from anomalens.core.registry import register
+from anomalens.core.trainable import TrainedDetector
+from anomalens.core.training import optimizer_step
+from anomalens.data.augment import cutpaste, cutpaste_scar
+from anomalens.data.preprocessing import ImageLike, iter_batches, load_resized
+from anomalens.errors import ParameterError
+from anomalens.features.backbones import (
     DEFAULT_BACKBONE,
     IMAGE_LEVEL_STRIDES,
     Backbone,
@@ -51,17 +60,8 @@ from anomalens.backbones import (
     layers_with_strides,
     restore_backbone,
 )
-from anomalens.data.cutpaste import cutpaste, cutpaste_scar
-from anomalens.density import fit_gaussian, mahalanobis
-from anomalens.errors import ParameterError
-from anomalens.features import pooled_features
-from anomalens.handcrafted import HANDCRAFTED
-from anomalens.models.trained import TrainedDetector
-from anomalens.networks import load_module_tensors, module_tensors
-from anomalens.preprocessing import ImageLike, iter_batches, load_resized
-from anomalens.reconstruction import check_choice
-from anomalens.registry import register
-from anomalens.training import optimizer_step
+from anomalens.features.handcrafted import HANDCRAFTED
+from anomalens.features.patches import pooled_features
 
 Defect = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 

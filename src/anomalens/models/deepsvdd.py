@@ -21,7 +21,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from anomalens.backbones import (
+from anomalens.components.networks import ConvEmbedder, load_module_tensors, module_tensors
+from anomalens.core.registry import register
+from anomalens.core.trainable import TrainedDetector
+from anomalens.core.training import optimizer_step
+from anomalens.data.preprocessing import ImageLike, load_resized
+from anomalens.features.backbones import (
     DEFAULT_BACKBONE,
     IMAGE_LEVEL_STRIDES,
     Backbone,
@@ -29,12 +34,7 @@ from anomalens.backbones import (
     layers_with_strides,
     restore_backbone,
 )
-from anomalens.features import pooled_dataset_features, pooled_features
-from anomalens.models.trained import TrainedDetector
-from anomalens.networks import ConvEmbedder, load_module_tensors, module_tensors
-from anomalens.preprocessing import ImageLike, load_resized
-from anomalens.registry import register
-from anomalens.training import optimizer_step
+from anomalens.features.patches import pooled_dataset_features, pooled_features
 
 
 def projection_head(in_features: int, out_features: int) -> nn.Sequential:

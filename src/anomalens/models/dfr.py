@@ -25,17 +25,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from anomalens.backbones import DEFAULT_BACKBONE, Backbone
+from anomalens.components.maps import anomaly_maps
+from anomalens.components.networks import load_module_tensors, module_tensors
+from anomalens.components.residuals import IMAGE_SCORES, check_choice, image_scores
+from anomalens.core.registry import register
+from anomalens.core.trainable import TrainedDetector
+from anomalens.core.training import optimizer_step
+from anomalens.data.preprocessing import ImageLike, iter_batches
 from anomalens.errors import ParameterError
-from anomalens.features import aggregate_patches, flatten_patches
-from anomalens.models.trained import TrainedDetector
-from anomalens.networks import load_module_tensors, module_tensors
-from anomalens.ops import anomaly_maps
-from anomalens.preprocessing import ImageLike, iter_batches
+from anomalens.features.backbones import DEFAULT_BACKBONE, Backbone
+from anomalens.features.patches import aggregate_patches, flatten_patches
 from anomalens.progress import make_progress
-from anomalens.reconstruction import IMAGE_SCORES, check_choice, image_scores
-from anomalens.registry import register
-from anomalens.training import optimizer_step
 
 
 def feature_autoencoder(channels: int, latent: int) -> nn.Sequential:

@@ -21,25 +21,25 @@ from __future__ import annotations
 
 import torch
 
-from anomalens.errors import ParameterError
-from anomalens.models.trained import TrainedDetector
-from anomalens.networks import (
+from anomalens.components.maps import anomaly_maps
+from anomalens.components.networks import (
     ConvDecoder,
     ConvEncoder,
     load_module_tensors,
     make_augmentation,
     module_tensors,
 )
-from anomalens.ops import anomaly_maps
-from anomalens.preprocessing import ImageLike, load_resized
-from anomalens.reconstruction import (
+from anomalens.components.residuals import (
     RESIDUALS,
     check_choice,
     check_positive,
     residual_map,
 )
-from anomalens.registry import register
-from anomalens.training import Step, optimizer_step
+from anomalens.core.registry import register
+from anomalens.core.trainable import TrainedDetector
+from anomalens.core.training import Step, optimizer_step
+from anomalens.data.preprocessing import ImageLike, load_resized
+from anomalens.errors import ParameterError
 
 
 @register

@@ -9,10 +9,10 @@ Normalizing Flows", arXiv:2111.07677, 2021).
 3. The negative log-likelihood of every position is the anomaly map (upsampled, averaged over the
    levels, Gaussian-smoothed); the image score is its maximum.
 
-The coupling blocks, log-determinants and NLL-to-map step live in `anomalens.flows` (shared with
-CFlow; written there rather than taken from FrEIA, see that module). The paper trains 500 epochs
-on a GPU; on a CPU the backbone runs once per training image and the flows train on the cached
-features, stopped by `max_epochs`, `time_budget_s` or a plateau of the training loss.
+The coupling blocks, log-determinants and NLL-to-map step live in `anomalens.components.flows`
+(shared with CFlow; written there rather than taken from FrEIA, see that module). The paper trains
+500 epochs on a GPU; on a CPU the backbone runs once per training image and the flows train on the
+cached features, stopped by `max_epochs`, `time_budget_s` or a plateau of the training loss.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from anomalens.backbones import DEFAULT_BACKBONE
-from anomalens.flows import build_flow, zero_last_layer
+from anomalens.components.flows import build_flow, zero_last_layer
+from anomalens.core.registry import register
+from anomalens.features.backbones import DEFAULT_BACKBONE
 from anomalens.models.flow_detector import FlowDetector
-from anomalens.registry import register
 
 
 @register

@@ -2,9 +2,10 @@
 
 Backbone features are extracted once per training image (the backbone is frozen) and standardised
 per channel with training statistics; one flow per feature level trains on that cache with the
-shared loop `anomalens.training.train`, minimising the mean negative log-likelihood per dimension
-(`anomalens.flows.gaussian_nll`). A subclass builds the flow of each level (`_build_flow`) and says
-how a level goes through it (`_level_flow`); maps and scores come from `anomalens.flows.nll_to_map`.
+shared loop `anomalens.core.training.train`, minimising the mean negative log-likelihood per
+dimension (`anomalens.components.flows.gaussian_nll`). A subclass builds the flow of each level
+(`_build_flow`) and says how a level goes through it (`_level_flow`); maps and scores come from
+`anomalens.components.flows.nll_to_map`.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from anomalens.backbones import Backbone
+from anomalens.components.flows import gaussian_nll, nll_to_map
+from anomalens.core.trainable import TrainedDetector
+from anomalens.core.training import optimizer_step
+from anomalens.data.preprocessing import ImageLike
 from anomalens.errors import AnomalensError
-from anomalens.features import backbone_features
-from anomalens.flows import gaussian_nll, nll_to_map
-from anomalens.models.trained import TrainedDetector
-from anomalens.preprocessing import ImageLike
-from anomalens.training import optimizer_step
+from anomalens.features.backbones import Backbone
+from anomalens.features.patches import backbone_features
 
 
 class FlowDetector(TrainedDetector):

@@ -15,18 +15,18 @@ from __future__ import annotations
 
 import torch
 
-from anomalens.backbones import (
+from anomalens.components.density import fit_gaussian, mahalanobis
+from anomalens.core.detector import Detector
+from anomalens.core.registry import register
+from anomalens.data.preprocessing import ImageLike
+from anomalens.features.backbones import (
     DEFAULT_BACKBONE,
     backbone_tensors,
     create_backbone,
     feature_levels,
     restore_backbone,
 )
-from anomalens.density import fit_gaussian, mahalanobis
-from anomalens.features import pooled_dataset_features, pooled_features
-from anomalens.models.base import Detector
-from anomalens.preprocessing import ImageLike
-from anomalens.registry import register
+from anomalens.features.patches import pooled_dataset_features, pooled_features
 
 
 @register

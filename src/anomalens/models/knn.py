@@ -5,7 +5,7 @@ Anomaly Detection", arXiv:2002.10445, 2020).
    ImageNet-pretrained CNN (the paper: ResNet after its final pooling), with no fine-tuning.
 2. The anomaly score is the mean Euclidean distance to the `k` nearest normal training images
    (the paper's default k = 2), found exactly with FAISS; the exported ONNX graph does the same
-   search as a matrix product and a top-k (`anomalens.neighbors.k_nearest_by_matmul`).
+   search as a matrix product and a top-k (`anomalens.components.neighbors.k_nearest_by_matmul`).
 
 Image-level only: `anomaly_map` is None.
 """
@@ -15,19 +15,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from anomalens.backbones import (
+from anomalens.components.neighbors import NearestNeighbors, k_nearest_by_matmul
+from anomalens.core.detector import Detector
+from anomalens.core.registry import register
+from anomalens.data.preprocessing import ImageLike
+from anomalens.errors import ParameterError
+from anomalens.features.backbones import (
     DEFAULT_BACKBONE,
     backbone_tensors,
     create_backbone,
     feature_levels,
     restore_backbone,
 )
-from anomalens.errors import ParameterError
-from anomalens.features import pooled_dataset_features, pooled_features
-from anomalens.models.base import Detector
-from anomalens.neighbors import NearestNeighbors, k_nearest_by_matmul
-from anomalens.preprocessing import ImageLike
-from anomalens.registry import register
+from anomalens.features.patches import pooled_dataset_features, pooled_features
 
 
 @register

@@ -26,7 +26,12 @@ import numpy as np
 import torch
 from sklearn.svm import OneClassSVM as _SklearnOneClassSVM
 
-from anomalens.backbones import (
+from anomalens.components.neighbors import NearestNeighbors
+from anomalens.core.detector import Detector
+from anomalens.core.registry import register
+from anomalens.data.preprocessing import ImageLike
+from anomalens.errors import DataError, ParameterError
+from anomalens.features.backbones import (
     DEFAULT_BACKBONE,
     IMAGE_LEVEL_STRIDES,
     Backbone,
@@ -34,12 +39,7 @@ from anomalens.backbones import (
     layers_with_strides,
     restore_backbone,
 )
-from anomalens.errors import DataError, ParameterError
-from anomalens.features import pooled_dataset_features, pooled_features
-from anomalens.models.base import Detector
-from anomalens.neighbors import NearestNeighbors
-from anomalens.preprocessing import ImageLike
-from anomalens.registry import register
+from anomalens.features.patches import pooled_dataset_features, pooled_features
 
 
 def nearest_neighbour_gamma(features: np.ndarray) -> float:

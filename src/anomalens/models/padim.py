@@ -34,19 +34,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from anomalens.backbones import (
+from anomalens.components.maps import anomaly_maps
+from anomalens.core.detector import Detector
+from anomalens.core.registry import register
+from anomalens.data.preprocessing import ImageLike, iter_batches
+from anomalens.errors import ParameterError
+from anomalens.features.backbones import (
     DEFAULT_BACKBONE,
     backbone_tensors,
     create_backbone,
     layers_with_strides,
     restore_backbone,
 )
-from anomalens.errors import ParameterError
-from anomalens.models.base import Detector
-from anomalens.ops import anomaly_maps
-from anomalens.preprocessing import ImageLike, iter_batches
 from anomalens.progress import make_progress
-from anomalens.registry import register
 
 
 @register

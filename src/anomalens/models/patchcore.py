@@ -7,7 +7,7 @@
    bank (eq. 7); the anomaly map is the patch scores upsampled and Gaussian-smoothed (sigma 4).
 
 Nothing is trained: `fit` extracts features once and selects the coreset. `backbone="handcrafted"`
-uses colour/LBP/gradient-orientation statistics instead of a CNN (`anomalens.handcrafted`).
+uses colour/LBP/gradient-orientation statistics instead of a CNN (`anomalens.features.handcrafted`).
 `export_module` gives the same computation as one graph for ONNX: the nearest-neighbour search
 becomes a matrix product and a reduction over the bank, and the reweighting gathers each bank
 patch's neighbours, precomputed at export time.
@@ -23,20 +23,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from anomalens.backbones import (
+from anomalens.components.maps import anomaly_maps
+from anomalens.components.neighbors import NearestNeighbors, greedy_coreset, nearest_by_matmul
+from anomalens.core.detector import Detector
+from anomalens.core.registry import register
+from anomalens.data.preprocessing import ImageLike, iter_batches
+from anomalens.errors import ParameterError
+from anomalens.features.backbones import (
     DEFAULT_BACKBONE,
     backbone_tensors,
     create_backbone,
     restore_backbone,
 )
-from anomalens.errors import ParameterError
-from anomalens.features import aggregate_patches, flatten_patches
-from anomalens.models.base import Detector
-from anomalens.neighbors import NearestNeighbors, greedy_coreset, nearest_by_matmul
-from anomalens.ops import anomaly_maps
-from anomalens.preprocessing import ImageLike, iter_batches
+from anomalens.features.patches import aggregate_patches, flatten_patches
 from anomalens.progress import make_progress
-from anomalens.registry import register
 
 
 @register

@@ -36,12 +36,12 @@ import torch
 import torch.nn.functional as F
 from scipy.special import digamma, polygamma
 
+from anomalens.components.networks import ConvEmbedder, load_module_tensors, module_tensors
+from anomalens.core.registry import register
+from anomalens.core.trainable import TrainedDetector
+from anomalens.core.training import optimizer_step
+from anomalens.data.preprocessing import ImageLike, iter_batches, load_resized
 from anomalens.errors import ParameterError
-from anomalens.models.trained import TrainedDetector
-from anomalens.networks import ConvEmbedder, load_module_tensors, module_tensors
-from anomalens.preprocessing import ImageLike, iter_batches, load_resized
-from anomalens.registry import register
-from anomalens.training import optimizer_step
 
 SCORES = ("dirichlet", "simple")
 

@@ -1,4 +1,5 @@
-"""Any map-producing detector applied tile by tile to high-resolution images (`anomalens.tiling`).
+"""Any map-producing detector applied tile by tile to high-resolution images
+(`anomalens.components.tiling`).
 
 `fit` learns the wrapped detector from the tiles of the normal images (so it sees them at the same
 scale as it will at predict time); thresholds are set, as for every detector, on whole held-out
@@ -17,13 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from anomalens.components.tiling import Stitcher, TiledImages, check_tiling, tile_grid
+from anomalens.core.detector import Detector
+from anomalens.core.registry import create, register
 from anomalens.data.io import to_rgb_array
+from anomalens.data.preprocessing import ImageLike, resize_to_tensor
 from anomalens.errors import AnomalensError
-from anomalens.models.base import Detector
-from anomalens.preprocessing import ImageLike, resize_to_tensor
 from anomalens.progress import make_progress
-from anomalens.registry import create, register
-from anomalens.tiling import Stitcher, TiledImages, check_tiling, tile_grid
 
 THRESHOLD_PIXELS = 1 << 20
 """Pixels per held-out image used for the pixel threshold (a regular subsample beyond this)."""

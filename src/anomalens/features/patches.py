@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from anomalens.preprocessing import ImageLike, iter_batches
+from anomalens.data.preprocessing import ImageLike, iter_batches
 from anomalens.progress import make_progress
 
 

@@ -52,7 +52,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ModelFileError(f"model file not found: {path}")
     if path.suffix.lower() == ".onnx":
-        from anomalens.runtime import read_onnx_config
+        from anomalens.deploy.onnx_model import read_onnx_config
 
         return read_onnx_config(path)
     try:
@@ -91,11 +91,11 @@ def check_config(config: Any, path: Path) -> dict[str, Any]:
 def load_model(path: str | Path) -> Any:
     """Load a detector saved with `save`, or an ONNX export (`.onnx`: an `OnnxModel`); raises
     `ModelFileError` for a bad file."""
-    from anomalens.registry import create
+    from anomalens.core.registry import create
 
     path = Path(path)
     if path.suffix.lower() == ".onnx":
-        from anomalens.runtime import OnnxModel
+        from anomalens.deploy.onnx_model import OnnxModel
 
         return OnnxModel(path)
     config = read_config(path)

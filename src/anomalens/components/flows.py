@@ -24,8 +24,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from anomalens.components.maps import gaussian_blur, resize_maps
 from anomalens.errors import ParameterError
-from anomalens.ops import gaussian_blur, resize_maps
 
 LOG_2PI = math.log(2 * math.pi)
 

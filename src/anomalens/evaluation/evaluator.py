@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from anomalens.core.prediction import Prediction
 from anomalens.data.mvtec import Sample, load_sample_mask, test_samples
-from anomalens.metrics import evaluate_predictions
-from anomalens.prediction import Prediction
+from anomalens.evaluation.metrics import evaluate_predictions
 
 
 @dataclass
@@ -100,8 +100,8 @@ def fit_and_evaluate(
     large sets; the test split is always complete. Adds fit_s, peak_rss_mb (process peak during
     fit and evaluation), model and n_train to the metrics.
     """
+    from anomalens.core.registry import create
     from anomalens.data.mvtec import training_images
-    from anomalens.registry import create
 
     detector = create(model, **params)
     images = training_images(root)[::train_every]

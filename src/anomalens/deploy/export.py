@@ -3,10 +3,10 @@
     anomalens export model.safetensors --format onnx -o model.onnx
 
 The graph's input `pixels` is (B, 3, S, S) float32 RGB in [0, 1]: the image resized to the
-model's input size S as `anomalens.preprocessing.resize_to_tensor` does (bilinear, antialiased);
-the backbone's normalisation is inside the graph. Its outputs are `score` (B,) and, for methods
-with maps, `anomaly_map` (B, S, S). The batch size is free. Each method supplies its graph through
-`Detector.export_module()`; methods without one raise `ExportError`.
+model's input size S as `anomalens.data.preprocessing.resize_to_tensor` does (bilinear,
+antialiased); the backbone's normalisation is inside the graph. Its outputs are `score` (B,)
+and, for methods with maps, `anomaly_map` (B, S, S). The batch size is free. Each method supplies
+its graph through `Detector.export_module()`; methods without one raise `ExportError`.
 
 The model's config (name, parameters, thresholds, training-set size, format version) and the
 preprocessing settings travel in the ONNX metadata, so `anomalens.OnnxModel(path)` predicts
@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from anomalens.core.model_file import CONFIG_KEY, model_config
 from anomalens.errors import ExportError
-from anomalens.handcrafted import HandcraftedFeatures
-from anomalens.model_io import CONFIG_KEY, model_config
+from anomalens.features.handcrafted import HandcraftedFeatures
 
 FORMATS = ("onnx",)
 OPSET = 18
@@ -99,7 +99,7 @@ def export_onnx(detector: Any, path: str | Path, opset: int = OPSET) -> Path:
 
 def _check_against_torch(detector: Any, path: Path, pixels: torch.Tensor) -> None:
     """Raise `ExportError` unless ONNX Runtime reproduces the torch model on `pixels`."""
-    from anomalens.runtime import OnnxModel
+    from anomalens.deploy.onnx_model import OnnxModel
 
     scores, maps = detector.predict_batch(pixels)
     onnx_scores, onnx_maps = OnnxModel(path).predict_batch(pixels)

@@ -22,16 +22,16 @@ from typing import Any, ClassVar, Self
 import numpy as np
 import torch
 
-from anomalens.errors import DataError, ExportError, NotFittedError, ParameterError
-from anomalens.ops import resize_maps
-from anomalens.prediction import Prediction
-from anomalens.preprocessing import Batch, ImageLike, iter_batches
-from anomalens.progress import make_progress
-from anomalens.thresholds import (
+from anomalens.components.maps import resize_maps
+from anomalens.core.prediction import Prediction
+from anomalens.core.thresholds import (
     f1_optimal_threshold,
     pixel_f1_optimal_threshold,
     threshold_at_fpr,
 )
+from anomalens.data.preprocessing import Batch, ImageLike, iter_batches
+from anomalens.errors import DataError, ExportError, NotFittedError, ParameterError
+from anomalens.progress import make_progress
 
 
 class Detector:
@@ -195,7 +195,8 @@ class Detector:
 
     # ---- export -----------------------------------------------------------------------------
     def export_module(self) -> torch.nn.Module:
-        """The fitted model as one traceable torch module for ONNX export (`anomalens.export`).
+        """The fitted model as one traceable torch module for ONNX export
+        (`anomalens.deploy.export`).
 
         Its forward takes pixels (B, 3, S, S) in [0, 1] and returns (scores (B,), maps (B, S, S)),
         or (scores,) for image-level methods, computing what `_score_batch` computes. Methods
@@ -212,7 +213,7 @@ class Detector:
     # ---- persistence ------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write the fitted model to one `.safetensors` file (tensors + JSON config, no pickle)."""
-        from anomalens.model_io import save_model
+        from anomalens.core.model_file import save_model
 
         self._check_fitted()
         return save_model(self, path)

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
+from anomalens.components.maps import gaussian_blur
 from anomalens.errors import ParameterError
-from anomalens.ops import gaussian_blur
 
 RESIDUALS = ("l1", "l2", "ssim")
 IMAGE_SCORES = ("max", "top_k")

@@ -2,7 +2,8 @@
 
 - `POST /v1/predict[?heatmap=true]`: one or more images as multipart field `file`; per image the
   score, verdict, threshold, normalised score (score / threshold), size and, when asked, the
-  anomaly map as a base64 RGBA PNG heatmap (colours of `anomalens.viz`, transparent where normal).
+  anomaly map as a base64 RGBA PNG heatmap (colours of `anomalens.evaluation.viz`, transparent
+  where normal).
 - `GET /v1/model`: model name, parameters, thresholds, training-set size, format version.
 - `GET /healthz`; OpenAPI docs at `/docs`; an inspection web page at `/`.
 
@@ -42,10 +43,10 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import anomalens
+from anomalens.core.model_file import read_config
 from anomalens.data.io import decode_image
 from anomalens.errors import ImageReadError
-from anomalens.model_io import read_config
-from anomalens.viz import heatmap_rgba
+from anomalens.evaluation.viz import heatmap_rgba
 
 DEFAULT_MAX_UPLOAD_BYTES = 20_000_000
 DEFAULT_MAX_PIXELS = 25_000_000
@@ -321,7 +322,7 @@ def _error_response(error: ServiceError) -> JSONResponse:
 def create_app(settings: Settings) -> FastAPI:
     """The FastAPI application serving `settings.model` (loaded here, once)."""
     service = Service(settings)
-    page_html = resources.files("anomalens").joinpath("static/index.html").read_text("utf-8")
+    page_html = resources.files("anomalens.deploy").joinpath("static/index.html").read_text("utf-8")
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -419,7 +420,7 @@ def serve(
     read_config(settings.model)  # a bad model file fails here, with one line, before uvicorn
     os.environ[SETTINGS_ENV] = json.dumps(settings.__dict__)
     uvicorn.run(
-        "anomalens.serve:app_from_environment",
+        "anomalens.deploy.serve:app_from_environment",
         factory=True,
         host=host,
         port=port,

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from anomalens.errors import WeightsError
-from anomalens.handcrafted import HANDCRAFTED, HandcraftedFeatures, handcrafted_levels
+from anomalens.features.handcrafted import HANDCRAFTED, HandcraftedFeatures, handcrafted_levels
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 IMAGE_LEVEL_STRIDES = (16, 32)

@@ -6,7 +6,7 @@ threshold is placed halfway between two observed scores, both rules agree on it 
 one case documented there.
 
 This module also holds the input checks and the single precision/recall/F1 sweep that
-`anomalens.metrics` reuses.
+`anomalens.evaluation.metrics` reuses.
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ def parse_models(text: str, params: dict[str, Any] | None = None) -> list[ModelS
     """Specs from ``"patchcore,padim,hc=padim"`` (``LABEL=MODEL`` runs a model under another
     label, e.g. twice with different parameters) and `params`: ``"label.key"`` applies to that
     label only, a plain ``"key"`` to every model."""
-    from anomalens.registry import model_class
+    from anomalens.core.registry import model_class
 
     specs: list[ModelSpec] = []
     for item in (part.strip() for part in text.split(",")):
@@ -164,7 +164,7 @@ def _run_in_subprocess(
     row_file = detail.with_suffix(".json")
     row_file.unlink(missing_ok=True)
     status = subprocess.run(
-        [sys.executable, "-m", "anomalens.benchmark", json.dumps(job)], check=False
+        [sys.executable, "-m", "anomalens.evaluation.benchmark", json.dumps(job)], check=False
     ).returncode
     if row_file.is_file():
         return json.loads(row_file.read_text())
@@ -187,9 +187,9 @@ def benchmark_row(
 ) -> dict[str, Any]:
     """Fit, evaluate and time one model on one dataset (call in a fresh process for honest
     memory figures); writes curves and example maps to ``detail.npz``."""
+    from anomalens.core.registry import create
     from anomalens.data.mvtec import training_images
-    from anomalens.evaluation import evaluate
-    from anomalens.registry import create
+    from anomalens.evaluation.evaluator import evaluate
 
     row: dict[str, Any] = {
         "model": spec.label,
@@ -236,7 +236,7 @@ def _curves_and_examples(
     """Labels and scores (for ROC curves), the PRO curve on a regular FPR grid, and the
     `examples` highest-scored normal and lowest-scored anomalous images with their maps."""
     from anomalens.data.mvtec import load_sample_mask
-    from anomalens.metrics import pro_curve
+    from anomalens.evaluation.metrics import pro_curve
 
     samples, predictions = evaluation.samples, evaluation.predictions
     labels = np.array([s.label for s in samples])
@@ -290,7 +290,7 @@ def interleaved_speed(
     All calls are interleaved in one loop, so every detector and backbone sees the same machine
     load: on a shared machine only ratios within one run are meaningful."""
     from anomalens.data.io import to_rgb_array
-    from anomalens.preprocessing import resize_to_tensor
+    from anomalens.data.preprocessing import resize_to_tensor
 
     count = min(len(images), repeats * batch_size)
     loaded = [to_rgb_array(image) for image in images[:count]]
@@ -421,7 +421,7 @@ def _examples(row: dict[str, Any], arrays: Any) -> str | None:
 
     from anomalens.data.io import to_rgb_array
     from anomalens.data.mvtec import Sample, load_sample_mask
-    from anomalens.viz import overlay
+    from anomalens.evaluation.viz import overlay
 
     shown = row.get("examples") or []
     if not shown:

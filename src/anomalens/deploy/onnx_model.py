@@ -16,10 +16,10 @@ from typing import Any, Self
 import numpy as np
 import torch
 
+from anomalens.core.detector import Detector
+from anomalens.core.model_file import CONFIG_KEY, check_config
+from anomalens.data.preprocessing import ImageLike
 from anomalens.errors import AnomalensError, ExportError, ModelFileError
-from anomalens.model_io import CONFIG_KEY, check_config
-from anomalens.models.base import Detector
-from anomalens.preprocessing import ImageLike
 
 
 def read_onnx_config(path: str | Path) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Base class of the detectors whose networks are trained with `anomalens.training.train`."""
+"""Base class of the detectors whose networks are trained with `anomalens.core.training.train`."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 
+from anomalens.components.residuals import check_positive
+from anomalens.core.detector import Detector
+from anomalens.core.training import Step, TrainingHistory, train
 from anomalens.errors import ParameterError
-from anomalens.models.base import Detector
-from anomalens.reconstruction import check_positive
-from anomalens.training import Step, TrainingHistory, train
 
 
 class TrainedDetector(Detector):
@@ -47,7 +47,7 @@ class TrainedDetector(Detector):
         patience: int | None = None,
         batch_size: int | None = None,
     ) -> TrainingHistory:
-        """Run `anomalens.training.train` with this detector's settings; record the summary."""
+        """Run `anomalens.core.training.train` with this detector's settings; record the summary."""
         history = train(
             step,
             data,

@@ -14,8 +14,8 @@ from numpy.typing import ArrayLike
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from anomalens.core.thresholds import _binary_problem, _pixels, f1_optimal_threshold
 from anomalens.errors import DataError
-from anomalens.thresholds import _binary_problem, _pixels, f1_optimal_threshold
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from anomalens.components.maps import resize_maps
 from anomalens.data.io import to_rgb_array
+from anomalens.data.preprocessing import ImageLike
 from anomalens.errors import AnomalensError
-from anomalens.ops import resize_maps
-from anomalens.preprocessing import ImageLike
 
 STITCH_MODES = ("max", "mean")
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)

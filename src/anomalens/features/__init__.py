@@ -1,0 +1,1 @@
+"""Backbone features: pretrained CNNs (timm), handcrafted features, patch features."""
