@@ -8,14 +8,15 @@ model.save("model.safetensors"); model = anomalens.load("model.safetensors")
 onnx_model = anomalens.OnnxModel("model.onnx")  # after `anomalens export`: ONNX Runtime
 """
 
-from typing import Any
+from pathlib import Path
 
-from anomalens.core.model_file import load_model as load
+from anomalens import models  # noqa: F401  (importing the models registers them)
+from anomalens._version import __version__
+from anomalens.core.detector import Detector
 from anomalens.core.prediction import Prediction
-from anomalens.core.registry import create, list_models
+from anomalens.core.registry import create, list_models, load_model
+from anomalens.deploy.onnx_model import OnnxModel
 from anomalens.errors import AnomalensError
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AnomalensError",
@@ -28,9 +29,9 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name == "OnnxModel":  # imported on first use: onnxruntime is only needed for it
-        from anomalens.deploy.onnx_model import OnnxModel
-
-        return OnnxModel
-    raise AttributeError(f"module 'anomalens' has no attribute {name!r}")
+def load(path: str | Path) -> Detector | OnnxModel:
+    """Load a model file written by `save` (`.safetensors`), or an ONNX export (`.onnx`: an
+    `OnnxModel`); raises `ModelFileError` for a bad file."""
+    if Path(path).suffix.lower() == ".onnx":
+        return OnnxModel(path)
+    return load_model(path)

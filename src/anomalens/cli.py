@@ -19,8 +19,11 @@ from rich.table import Table
 import anomalens
 from anomalens import progress
 from anomalens.components.tiling import check_tiling
+from anomalens.core.model_file import read_config
 from anomalens.data.io import list_images, to_rgb_array
 from anomalens.data.mvtec import training_images
+from anomalens.data.synthetic import TEXTURES, make_dataset
+from anomalens.deploy.export import FORMATS, export_onnx
 from anomalens.errors import AnomalensError, DataError, ImageReadError
 from anomalens.evaluation.benchmark import DEFAULT_MODELS, parse_models, run_benchmark
 from anomalens.evaluation.evaluator import evaluate as evaluate_model
@@ -248,7 +251,6 @@ def demo(
     model: Annotated[str, typer.Option(help="Detector name.")] = "patchcore",
 ) -> None:
     """Build the embedded synthetic dataset, fit on its normal images, evaluate, write a report."""
-    from anomalens.data.synthetic import TEXTURES, make_dataset
 
     data = out / "data"
     categories = [data / texture for texture in TEXTURES]
@@ -337,8 +339,6 @@ def export(
     fmt: Annotated[str, typer.Option("--format", help="Export format: onnx.")] = "onnx",
 ) -> None:
     """Export a model as one ONNX graph (pixels -> score, anomaly map) for ONNX Runtime."""
-    from anomalens.deploy.export import FORMATS, export_onnx
-
     if fmt not in FORMATS:
         raise AnomalensError(f"unknown export format {fmt!r}; available: {', '.join(FORMATS)}")
     detector = anomalens.load(model_file)
@@ -360,6 +360,7 @@ def serve(
     max_upload_mb: Annotated[float, typer.Option(help="Largest request body, in MB.")] = 20.0,
 ) -> None:
     """Serve a model over HTTP: POST /v1/predict, GET /v1/model, /healthz, /docs, web page at /."""
+    # FastAPI and uvicorn are needed by this command only: imported on first use
     from anomalens.deploy.serve import serve as run_service
 
     run_service(
@@ -374,8 +375,6 @@ def serve(
 @app.command()
 def info(model_file: Annotated[Path, typer.Argument(metavar="MODEL")]) -> None:
     """Print a model file's (or ONNX export's) configuration: model, parameters, thresholds."""
-    from anomalens.core.model_file import read_config
-
     console.print_json(json.dumps(read_config(model_file)))
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from anomalens.components.maps import resize_maps
+from anomalens.core.model_file import model_config, write_model_file
 from anomalens.core.prediction import Prediction
 from anomalens.core.thresholds import (
     f1_optimal_threshold,
@@ -78,14 +79,20 @@ class Detector:
         paths as strings) for a model file's config."""
         return {name: _json_ready(getattr(self, name)) for name in self.param_names()}
 
-    def set_params(self, **params: Any) -> Self:
-        """Change constructor parameters, as scikit-learn's `set_params` (fit again afterwards)."""
-        unknown = sorted(set(params) - set(self.param_names()))
+    @classmethod
+    def check_params(cls, params: Any, owner: str | None = None) -> None:
+        """Raise `ParameterError` naming the first of `params` (names) that is not a constructor
+        parameter of this detector (`owner`: how the message names it; default its name)."""
+        unknown = sorted(set(params) - set(cls.param_names()))
         if unknown:
             raise ParameterError(
-                f"{self.name} has no parameter {unknown[0]!r}; "
-                f"its parameters: {', '.join(self.param_names())}"
+                f"{owner or cls.name} has no parameter {unknown[0]!r}; "
+                f"its parameters: {', '.join(cls.param_names())}"
             )
+
+    def set_params(self, **params: Any) -> Self:
+        """Change constructor parameters, as scikit-learn's `set_params` (fit again afterwards)."""
+        self.check_params(params)
         for key, value in params.items():
             setattr(self, key, value)
         return self
@@ -213,10 +220,12 @@ class Detector:
     # ---- persistence ------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write the fitted model to one `.safetensors` file (tensors + JSON config, no pickle)."""
-        from anomalens.core.model_file import save_model
-
         self._check_fitted()
-        return save_model(self, path)
+        return write_model_file(path, self._tensors(), self.model_config())
+
+    def model_config(self) -> dict[str, Any]:
+        """The JSON config stored in the model file and in an ONNX export's metadata."""
+        return model_config(self.name, self.get_params(), self.fitted_config())
 
     def fitted_config(self) -> dict[str, Any]:
         """Fitted scalars saved in the model file's JSON config."""

@@ -15,32 +15,32 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from anomalens.errors import AnomalensError, ModelFileError
+from anomalens._version import __version__
+from anomalens.errors import ModelFileError
 
 FORMAT = "anomalens"
 FORMAT_VERSION = 1
 CONFIG_KEY = "anomalens_config"
 
 
-def model_config(detector: Any) -> dict[str, Any]:
-    """The JSON config of a fitted detector, as stored in its model file (and ONNX export)."""
-    from anomalens import __version__
-
+def model_config(name: str, params: dict[str, Any], fitted: dict[str, Any]) -> dict[str, Any]:
+    """The JSON config of a fitted model, as stored in its model file (and ONNX export)."""
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "anomalens_version": __version__,
-        "model": detector.name,
-        "params": detector.get_params(),
-        "fitted": detector.fitted_config(),
+        "model": name,
+        "params": params,
+        "fitted": fitted,
     }
 
 
-def save_model(detector: Any, path: str | Path) -> Path:
-    """Write a fitted detector to `path` (a `.safetensors` file)."""
+def write_model_file(
+    path: str | Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]
+) -> Path:
+    """Write tensors and a config (`model_config`) to `path` (a `.safetensors` file)."""
     path = Path(path)
-    config = model_config(detector)
-    tensors = {key: t.detach().contiguous().cpu() for key, t in detector._tensors().items()}
+    tensors = {key: t.detach().contiguous().cpu() for key, t in tensors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={CONFIG_KEY: json.dumps(config)})
     return path
@@ -52,8 +52,6 @@ def read_config(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ModelFileError(f"model file not found: {path}")
     if path.suffix.lower() == ".onnx":
-        from anomalens.deploy.onnx_model import read_onnx_config
-
         return read_onnx_config(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -65,11 +63,36 @@ def read_config(path: str | Path) -> dict[str, Any]:
         ) from error
     if CONFIG_KEY not in metadata:
         raise ModelFileError(f"{path} is a safetensors file but not an anomalens model")
+    return parse_config(metadata[CONFIG_KEY], path)
+
+
+def read_onnx_config(path: str | Path) -> dict[str, Any]:
+    """The anomalens config stored in an exported ONNX file's metadata, validated."""
+    import onnx  # heavy, and needed only for ONNX files: imported on first use
+
+    path = Path(path)
     try:
-        config = json.loads(metadata[CONFIG_KEY])
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as error:
+        raise ModelFileError(f"{path} is not a readable ONNX file: {first_line(error)}") from error
+    metadata = {p.key: p.value for p in model.metadata_props}
+    if CONFIG_KEY not in metadata:
+        raise ModelFileError(f"{path} is an ONNX file but not an anomalens export")
+    return parse_config(metadata[CONFIG_KEY], path)
+
+
+def parse_config(text: str, path: Path) -> dict[str, Any]:
+    """The config stored as JSON `text` in `path`'s metadata, validated."""
+    try:
+        config = json.loads(text)
     except json.JSONDecodeError as error:
         raise ModelFileError(f"{path} has a corrupt model config: {error}") from error
     return check_config(config, path)
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def check_config(config: Any, path: Path) -> dict[str, Any]:
@@ -88,16 +111,9 @@ def check_config(config: Any, path: Path) -> dict[str, Any]:
     return config
 
 
-def load_model(path: str | Path) -> Any:
-    """Load a detector saved with `save`, or an ONNX export (`.onnx`: an `OnnxModel`); raises
-    `ModelFileError` for a bad file."""
-    from anomalens.core.registry import create
-
+def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and the validated config of a `.safetensors` model file."""
     path = Path(path)
-    if path.suffix.lower() == ".onnx":
-        from anomalens.deploy.onnx_model import OnnxModel
-
-        return OnnxModel(path)
     config = read_config(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -107,13 +123,4 @@ def load_model(path: str | Path) -> Any:
             }
     except Exception as error:
         raise ModelFileError(f"{path} is corrupt or truncated: {error}") from error
-    try:
-        detector = create(config["model"], **config["params"])
-        detector.restore(tensors, config["fitted"])
-    except ModelFileError:
-        raise
-    except (AnomalensError, KeyError, RuntimeError, TypeError, ValueError) as error:
-        raise ModelFileError(
-            f"{path} does not hold a valid {config['model']} model: {error}"
-        ) from error
-    return detector
+    return tensors, config

@@ -1,13 +1,18 @@
-"""The model registry: `create(name, **params)` and `list_models()`, like timm's."""
+"""The model registry: `create(name, **params)`, `list_models()` and `load_model(path)`, like
+timm's. A leaf of the detector layer: each method registers itself with `@register` when its
+module is imported (`anomalens.models` imports them all; `import anomalens` does that)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, TypeVar
 
-from anomalens.errors import AnomalensError, ParameterError
+from anomalens.core.detector import Detector
+from anomalens.core.model_file import read_model_file
+from anomalens.errors import AnomalensError, ModelFileError
 
-_MODELS: dict[str, type] = {}
-T = TypeVar("T", bound=type)
+_MODELS: dict[str, type[Detector]] = {}
+T = TypeVar("T", bound=type[Detector])
 
 
 def register(cls: T) -> T:
@@ -16,9 +21,7 @@ def register(cls: T) -> T:
     return cls
 
 
-def model_class(name: str) -> type:
-    import anomalens.models  # noqa: F401  (registers the built-in detectors)
-
+def model_class(name: str) -> type[Detector]:
     try:
         return _MODELS[name]
     except KeyError:
@@ -27,20 +30,28 @@ def model_class(name: str) -> type:
         ) from None
 
 
-def create(name: str, **params: Any) -> Any:
+def create(name: str, **params: Any) -> Detector:
     """A new, unfitted detector: `create("patchcore", coreset_ratio=0.01)`."""
     cls = model_class(name)
-    unknown = sorted(set(params) - set(cls.param_names()))
-    if unknown:
-        raise ParameterError(
-            f"{name} has no parameter {unknown[0]!r}; "
-            f"its parameters: {', '.join(cls.param_names())}"
-        )
+    cls.check_params(params)
     return cls(**params)
 
 
 def list_models() -> list[str]:
     """Names of every registered detector."""
-    import anomalens.models  # noqa: F401
-
     return sorted(_MODELS)
+
+
+def load_model(path: str | Path) -> Detector:
+    """Load a detector saved with `save`; raises `ModelFileError` for a bad file."""
+    tensors, config = read_model_file(path)
+    try:
+        detector = create(config["model"], **config["params"])
+        detector.restore(tensors, config["fitted"])
+    except ModelFileError:
+        raise
+    except (AnomalensError, KeyError, RuntimeError, TypeError, ValueError) as error:
+        raise ModelFileError(
+            f"{path} does not hold a valid {config['model']} model: {error}"
+        ) from error
+    return detector

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from anomalens.data.io import to_rgb_array
+from anomalens.progress import make_progress
 
 ImageLike = str | PathLike | np.ndarray | Any
 """A path to an image file, a PIL image, or a uint8/uint16/float/bool array (HxW or HxWxC)."""
@@ -49,8 +50,6 @@ def iter_batches(images: Sequence[ImageLike], size: int, batch_size: int) -> Ite
 def load_resized(images: Sequence[ImageLike], size: int, batch_size: int = 32) -> torch.Tensor:
     """All images resized to `size` as one uint8 tensor (N, 3, size, size), for methods that
     train for many epochs (1,000 images at 256 px take 200 MB)."""
-    from anomalens.progress import make_progress
-
     stored = torch.empty((len(images), 3, size, size), dtype=torch.uint8)
     with make_progress() as progress:
         task = progress.add_task("loading images", total=len(images), info="")

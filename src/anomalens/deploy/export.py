@@ -26,7 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from anomalens.core.model_file import CONFIG_KEY, model_config
+from anomalens.core.detector import Detector
+from anomalens.core.model_file import CONFIG_KEY
+from anomalens.deploy.onnx_model import OnnxModel
 from anomalens.errors import ExportError
 from anomalens.features.handcrafted import HandcraftedFeatures
 
@@ -50,7 +52,7 @@ def preprocessing_config(image_size: int) -> dict[str, Any]:
     }
 
 
-def export_onnx(detector: Any, path: str | Path, opset: int = OPSET) -> Path:
+def export_onnx(detector: Detector, path: str | Path, opset: int = OPSET) -> Path:
     """Write a fitted detector as one ONNX file (weights inside) and check it against torch."""
     detector._check_fitted()
     path = Path(path)
@@ -81,7 +83,7 @@ def export_onnx(detector: Any, path: str | Path, opset: int = OPSET) -> Path:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ExportError(f"exporting {detector.name} to ONNX failed: {first}") from error
     metadata = program.model.metadata_props
-    metadata[CONFIG_KEY] = json.dumps(model_config(detector))
+    metadata[CONFIG_KEY] = json.dumps(detector.model_config())
     metadata[PREPROCESSING_KEY] = json.dumps(preprocessing_config(size))
     program.model.doc_string = (
         f"anomalens {detector.name}: {INPUT_NAME} (B, 3, {size}, {size}) RGB in [0, 1] -> "
@@ -97,10 +99,8 @@ def export_onnx(detector: Any, path: str | Path, opset: int = OPSET) -> Path:
     return path
 
 
-def _check_against_torch(detector: Any, path: Path, pixels: torch.Tensor) -> None:
+def _check_against_torch(detector: Detector, path: Path, pixels: torch.Tensor) -> None:
     """Raise `ExportError` unless ONNX Runtime reproduces the torch model on `pixels`."""
-    from anomalens.deploy.onnx_model import OnnxModel
-
     scores, maps = detector.predict_batch(pixels)
     onnx_scores, onnx_maps = OnnxModel(path).predict_batch(pixels)
     score_error = float(np.max(np.abs(onnx_scores - scores) / np.maximum(np.abs(scores), 1e-6)))

@@ -8,45 +8,17 @@ parameters) from the ONNX metadata. It cannot be fitted or saved: fit the torch 
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Self
+from typing import Self
 
 import numpy as np
 import torch
 
 from anomalens.core.detector import Detector
-from anomalens.core.model_file import CONFIG_KEY, check_config
+from anomalens.core.model_file import CONFIG_KEY, first_line, parse_config
 from anomalens.data.preprocessing import ImageLike
 from anomalens.errors import AnomalensError, ExportError, ModelFileError
-
-
-def read_onnx_config(path: str | Path) -> dict[str, Any]:
-    """The anomalens config stored in an exported ONNX file's metadata, validated."""
-    import onnx
-
-    path = Path(path)
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as error:
-        raise ModelFileError(f"{path} is not a readable ONNX file: {_first_line(error)}") from error
-    return _config(({p.key: p.value for p in model.metadata_props}), path)
-
-
-def _config(metadata: Mapping[str, str], path: Path) -> dict[str, Any]:
-    if CONFIG_KEY not in metadata:
-        raise ModelFileError(f"{path} is an ONNX file but not an anomalens export")
-    try:
-        config = json.loads(metadata[CONFIG_KEY])
-    except json.JSONDecodeError as error:
-        raise ModelFileError(f"{path} has a corrupt model config: {error}") from error
-    return check_config(config, path)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 class OnnxModel(Detector):
@@ -54,7 +26,7 @@ class OnnxModel(Detector):
     (None: ORT's default, one per physical core)."""
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
-        import onnxruntime
+        import onnxruntime  # heavy, and only needed for ONNX models: imported on first use
 
         path = Path(path)
         if not path.is_file():
@@ -71,9 +43,12 @@ class OnnxModel(Detector):
             )
         except Exception as error:
             raise ModelFileError(
-                f"{path} is not a readable ONNX model: {_first_line(error)}"
+                f"{path} is not a readable ONNX model: {first_line(error)}"
             ) from error
-        config = _config(session.get_modelmeta().custom_metadata_map, path)
+        metadata = session.get_modelmeta().custom_metadata_map
+        if CONFIG_KEY not in metadata:
+            raise ModelFileError(f"{path} is an ONNX file but not an anomalens export")
+        config = parse_config(metadata[CONFIG_KEY], path)
         common = set(Detector.param_names())
         super().__init__(**{k: v for k, v in config["params"].items() if k in common})
         self.path = path

@@ -36,7 +36,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from anomalens import progress
+from anomalens.core.registry import create, model_class
+from anomalens.data.io import to_rgb_array
+from anomalens.data.mvtec import Sample, load_sample_mask, test_samples, training_images
+from anomalens.data.preprocessing import resize_to_tensor
 from anomalens.errors import AnomalensError
+from anomalens.evaluation.evaluator import evaluate
+from anomalens.evaluation.metrics import pro_curve
+from anomalens.evaluation.viz import overlay
 
 DEFAULT_MODELS = "patchcore,padim,gaussian,knn"
 _LABEL = re.compile(r"^[A-Za-z0-9_]+$")
@@ -69,8 +77,6 @@ def parse_models(text: str, params: dict[str, Any] | None = None) -> list[ModelS
     """Specs from ``"patchcore,padim,hc=padim"`` (``LABEL=MODEL`` runs a model under another
     label, e.g. twice with different parameters) and `params`: ``"label.key"`` applies to that
     label only, a plain ``"key"`` to every model."""
-    from anomalens.core.registry import model_class
-
     specs: list[ModelSpec] = []
     for item in (part.strip() for part in text.split(",")):
         if not item:
@@ -96,9 +102,7 @@ def parse_models(text: str, params: dict[str, Any] | None = None) -> list[ModelS
         else:
             raise AnomalensError(f"parameter {key!r} names no model label ({', '.join(by_label)})")
     for spec in specs:
-        unknown = sorted(set(spec.params) - set(model_class(spec.model).param_names()))
-        if unknown:
-            raise AnomalensError(f"{spec.label} ({spec.model}) has no parameter {unknown[0]!r}")
+        model_class(spec.model).check_params(spec.params, f"{spec.label} ({spec.model})")
     return specs
 
 
@@ -116,8 +120,6 @@ def run_benchmark(
     """Fit and evaluate every spec on every dataset, each row in a fresh process; write
     ``out/results.json`` and ``out/report.html`` and return the rows. `threads`: torch threads
     per row (default: torch's own choice)."""
-    from anomalens.data.mvtec import test_samples, training_images
-
     out = Path(out)
     roots = [Path(d) for d in datasets]
     for root in roots:
@@ -187,10 +189,6 @@ def benchmark_row(
 ) -> dict[str, Any]:
     """Fit, evaluate and time one model on one dataset (call in a fresh process for honest
     memory figures); writes curves and example maps to ``detail.npz``."""
-    from anomalens.core.registry import create
-    from anomalens.data.mvtec import training_images
-    from anomalens.evaluation.evaluator import evaluate
-
     row: dict[str, Any] = {
         "model": spec.label,
         "model_name": spec.model,
@@ -235,9 +233,6 @@ def _curves_and_examples(
 ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
     """Labels and scores (for ROC curves), the PRO curve on a regular FPR grid, and the
     `examples` highest-scored normal and lowest-scored anomalous images with their maps."""
-    from anomalens.data.mvtec import load_sample_mask
-    from anomalens.evaluation.metrics import pro_curve
-
     samples, predictions = evaluation.samples, evaluation.predictions
     labels = np.array([s.label for s in samples])
     scores = np.array([p.score for p in predictions])
@@ -289,9 +284,6 @@ def interleaved_speed(
     input size, and of its backbone's forward on the same tensor (None without `backbone_`).
     All calls are interleaved in one loop, so every detector and backbone sees the same machine
     load: on a shared machine only ratios within one run are meaningful."""
-    from anomalens.data.io import to_rgb_array
-    from anomalens.data.preprocessing import resize_to_tensor
-
     count = min(len(images), repeats * batch_size)
     loaded = [to_rgb_array(image) for image in images[:count]]
     batches = [loaded[i : i + batch_size] for i in range(0, count - batch_size + 1, batch_size)]
@@ -347,8 +339,6 @@ def batch1_speed(detector: Any, images: Sequence[Any], repeats: int = 20) -> dic
 
 
 def _worker(job_text: str) -> None:
-    from anomalens import progress
-
     progress.enable(sys.stderr.isatty())
     job = json.loads(job_text)
     if job["threads"]:
@@ -418,10 +408,6 @@ def _curves(rows: list[dict[str, Any]], details: dict[int, Any], kind: str) -> s
 
 def _examples(row: dict[str, Any], arrays: Any) -> str | None:
     import matplotlib.pyplot as plt
-
-    from anomalens.data.io import to_rgb_array
-    from anomalens.data.mvtec import Sample, load_sample_mask
-    from anomalens.evaluation.viz import overlay
 
     shown = row.get("examples") or []
     if not shown:

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from anomalens.core.prediction import Prediction
-from anomalens.data.mvtec import Sample, load_sample_mask, test_samples
+from anomalens.core.registry import create
+from anomalens.data.mvtec import Sample, load_sample_mask, test_samples, training_images
 from anomalens.evaluation.metrics import evaluate_predictions
 
 
@@ -100,9 +101,6 @@ def fit_and_evaluate(
     large sets; the test split is always complete. Adds fit_s, peak_rss_mb (process peak during
     fit and evaluation), model and n_train to the metrics.
     """
-    from anomalens.core.registry import create
-    from anomalens.data.mvtec import training_images
-
     detector = create(model, **params)
     images = training_images(root)[::train_every]
     with PeakMemory() as memory:
