@@ -38,7 +38,7 @@ def test_detects_without_maps(fitted, brick: Path, tmp_path: Path) -> None:
 
 def test_gaussian_fits_one_shrunk_gaussian_per_level(brick: Path) -> None:
     model = anomalens.create("gaussian", image_size=64).fit(training_images(brick))
-    assert model.layers == ["blocks.0", "blocks.1", "blocks.2", "blocks.4", "blocks.6"]
+    assert model.layers_ == ["blocks.0", "blocks.1", "blocks.2", "blocks.4", "blocks.6"]
     assert [tuple(p.shape) for p in model.precisions_] == [(c, c) for c in (16, 24, 40, 112, 320)]
     # 14 images, 320 channels: the sample covariance is singular, the shrunk one is not.
     assert np.isfinite(model.precisions_[-1].numpy()).all()

@@ -31,7 +31,7 @@ def test_padim_detects_and_localises(fitted_padim, brick: Path) -> None:
 
 def test_padim_fitted_state(fitted_padim) -> None:
     model = fitted_padim
-    assert model.layers == ["blocks.1", "blocks.2", "blocks.4"]
+    assert model.layers_ == ["blocks.1", "blocks.2", "blocks.4"]
     assert model.channels_.numel() == 100 and len(set(model.channels_.tolist())) == 100
     assert int(model.channels_.max()) < 24 + 40 + 112
     positions = (128 // 8) ** 2  # default feature_stride 8

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anomalens.errors import ParameterError
+from anomalens.state_dict import under_prefix, with_prefix
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -224,12 +225,10 @@ _OPS: dict[str, Augment] = {
 
 def module_tensors(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
     """A module's weights and buffers keyed `prefix.name`, for a model file."""
-    return {f"{prefix}.{key}": value for key, value in module.state_dict().items()}
+    return with_prefix(prefix, module.state_dict())
 
 
 def load_module_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> None:
     """Load `prefix.*` tensors of a model file into `module` (every weight must be there)."""
-    start = len(prefix) + 1
-    state = {key[start:]: value for key, value in tensors.items() if key.startswith(prefix + ".")}
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(under_prefix(prefix, tensors), strict=True)
     module.eval()

@@ -22,24 +22,22 @@ from typing import Any, ClassVar, Self
 import numpy as np
 import torch
 
-from anomalens.components.maps import resize_maps
 from anomalens.core.model_file import model_config, write_model_file
-from anomalens.core.prediction import Prediction
-from anomalens.core.thresholds import (
-    f1_optimal_threshold,
-    pixel_f1_optimal_threshold,
-    threshold_at_fpr,
-)
-from anomalens.data.preprocessing import Batch, ImageLike, iter_batches
-from anomalens.errors import DataError, ExportError, NotFittedError, ParameterError
-from anomalens.progress import make_progress
+from anomalens.core.scorer import Scorer
+from anomalens.core.thresholds import threshold_at_fpr
+from anomalens.data.preprocessing import ImageLike
+from anomalens.errors import DataError, ExportError, ParameterError
 
 
-class Detector:
-    """Base class of all anomaly detectors."""
+class Detector(Scorer):
+    """Base class of all anomaly detectors: a `Scorer` that learns from normal images."""
 
     name: ClassVar[str]
     produces_maps: ClassVar[bool] = True
+    fitted_fields: ClassVar[tuple[str, ...]] = ()
+    """Fitted JSON values (such as `layers_`, the layers a `layers=None` resolved to) that the
+    model file's fitted config keeps, under the name without `_`. A version-1 file has none:
+    its fit wrote them into the parameter of the same name, which is used instead."""
 
     def __init__(
         self,
@@ -125,81 +123,6 @@ class Detector:
         self.threshold_source_ = "normal"
         return self
 
-    def calibrate(
-        self,
-        images: Sequence[ImageLike],
-        labels: Sequence[int],
-        masks: Sequence[np.ndarray | None] | None = None,
-    ) -> Self:
-        """Set F1-optimal thresholds from an explicit labelled calibration set (never the test set).
-
-        `labels`: 1 = anomalous; `masks`: per image a bool HxW ground truth at the image's size,
-        or None; pixel calibration uses the images that have one.
-        """
-        self._check_fitted()
-        images = list(images)
-        if len(labels) != len(images):
-            raise DataError(f"calibrate got {len(images)} images but {len(labels)} labels")
-        scores, maps = self._score_all(images, "calibrating", full_size=True)
-        self.image_threshold_, _ = f1_optimal_threshold(np.asarray(labels), scores)
-        if self.produces_maps and masks is not None:
-            pairs = [(m, a) for m, a in zip(masks, maps, strict=True) if m is not None]
-            if pairs:
-                self.pixel_threshold_, _ = pixel_f1_optimal_threshold(
-                    [m for m, _ in pairs], [a for _, a in pairs]
-                )
-        self.threshold_source_ = "calibration"
-        return self
-
-    # ---- inference -------------------------------------------------------------------------
-    def predict(self, images: Sequence[ImageLike]) -> list[Prediction]:
-        """Score, label, anomaly map (HxW at the image's own size) and mask for every image."""
-        self._check_fitted()
-        scores, maps = self._score_all(list(images), "predicting", full_size=True)
-        return [self._prediction(score, m) for score, m in zip(scores, maps, strict=True)]
-
-    def decision_function(self, images: Sequence[ImageLike]) -> np.ndarray:
-        """Anomaly scores only (higher = more anomalous), like PyOD's `decision_function`."""
-        self._check_fitted()
-        return self._score_all(list(images), "scoring")[0]
-
-    def predict_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-        """Scores (B,) and maps (B, S, S) for an already resized (B, 3, S, S) tensor in [0, 1]."""
-        self._check_fitted()
-        with torch.inference_mode():
-            return self._score_batch(pixels)
-
-    def _prediction(self, score: float, anomaly_map: np.ndarray | None) -> Prediction:
-        mask = None if anomaly_map is None else anomaly_map > self.pixel_threshold_
-        return Prediction(float(score), bool(score > self.image_threshold_), anomaly_map, mask)
-
-    def _score_all(
-        self, images: list[ImageLike], description: str, full_size: bool = False
-    ) -> tuple[np.ndarray, list[np.ndarray | None]]:
-        scores: list[np.ndarray] = []
-        maps: list[np.ndarray | None] = []
-        with make_progress() as progress, torch.inference_mode():
-            task = progress.add_task(description, total=len(images), info="")
-            for batch in iter_batches(images, self.image_size, self.batch_size):
-                batch_scores, batch_maps = self._score_batch(batch.pixels)
-                scores.append(batch_scores)
-                maps.extend(self._resize_maps(batch, batch_maps, full_size))
-                progress.advance(task, len(batch.sizes))
-        return np.concatenate(scores).astype(np.float64), maps
-
-    @staticmethod
-    def _resize_maps(
-        batch: Batch, maps: np.ndarray | None, full_size: bool
-    ) -> list[np.ndarray | None]:
-        if maps is None:
-            return [None] * len(batch.sizes)
-        if not full_size:
-            return list(maps)
-        return [
-            resize_maps(torch.from_numpy(m)[None, None], size)[0, 0].numpy()
-            for m, size in zip(maps, batch.sizes, strict=True)
-        ]
-
     # ---- export -----------------------------------------------------------------------------
     def export_module(self) -> torch.nn.Module:
         """The fitted model as one traceable torch module for ONNX export
@@ -229,33 +152,26 @@ class Detector:
 
     def fitted_config(self) -> dict[str, Any]:
         """Fitted scalars saved in the model file's JSON config."""
-        return {
-            "image_threshold": self.image_threshold_,
-            "pixel_threshold": self.pixel_threshold_,
-            "n_train_images": self.n_train_images_,
-            "n_validation_images": self.n_validation_images_,
-            "threshold_source": self.threshold_source_,
-        }
+        return {**self.threshold_config(), **self._fitted_fields()}
+
+    def _fitted_fields(self) -> dict[str, Any]:
+        return {field[:-1]: _json_ready(getattr(self, field)) for field in self.fitted_fields}
 
     def restore(self, tensors: dict[str, torch.Tensor], fitted: dict[str, Any]) -> None:
         """Rebuild fitted state from a model file's tensors and fitted config."""
-        self.image_threshold_ = float(fitted["image_threshold"])
-        pixel = fitted.get("pixel_threshold")
-        self.pixel_threshold_ = None if pixel is None else float(pixel)
-        self.n_train_images_ = int(fitted["n_train_images"])
-        self.n_validation_images_ = int(fitted["n_validation_images"])
-        self.threshold_source_ = str(fitted["threshold_source"])
+        self.restore_thresholds(fitted)
+        self._restore_fields(fitted)
         self._restore(tensors)
+
+    def _restore_fields(self, fitted: dict[str, Any]) -> None:
+        for field in self.fitted_fields:
+            setattr(self, field, fitted.get(field[:-1], getattr(self, field[:-1], None)))
 
     # ---- helpers ---------------------------------------------------------------------------
     def _seed_everything(self) -> None:
         random.seed(self.seed)
         np.random.seed(self.seed)
         torch.manual_seed(self.seed)
-
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "image_threshold_"):
-            raise NotFittedError(f"this {type(self).__name__} is not fitted yet: call fit first")
 
     # ---- what a method implements ----------------------------------------------------------
     def _fit(self, images: list[ImageLike]) -> None:

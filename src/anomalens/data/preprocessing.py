@@ -40,23 +40,26 @@ def resize_to_tensor(images: Sequence[np.ndarray], size: int) -> torch.Tensor:
     return (torch.cat(resized) / 255.0).clamp_(0.0, 1.0)
 
 
-def iter_batches(images: Sequence[ImageLike], size: int, batch_size: int) -> Iterator[Batch]:
-    """Load and resize images lazily, `batch_size` at a time, so memory stays flat."""
-    for start in range(0, len(images), batch_size):
-        arrays = [to_rgb_array(image) for image in images[start : start + batch_size]]
-        yield Batch(resize_to_tensor(arrays, size), [a.shape[:2] for a in arrays])
+def iter_batches(
+    images: Sequence[ImageLike], size: int, batch_size: int, progress: str | None = None
+) -> Iterator[Batch]:
+    """Load and resize images lazily, `batch_size` at a time, so memory stays flat; with a
+    `progress` label, a progress bar counts the images done."""
+    with make_progress() as bar:
+        task = bar.add_task(progress or "", total=len(images), info="", visible=bool(progress))
+        for start in range(0, len(images), batch_size):
+            arrays = [to_rgb_array(image) for image in images[start : start + batch_size]]
+            yield Batch(resize_to_tensor(arrays, size), [a.shape[:2] for a in arrays])
+            bar.advance(task, len(arrays))
 
 
 def load_resized(images: Sequence[ImageLike], size: int, batch_size: int = 32) -> torch.Tensor:
     """All images resized to `size` as one uint8 tensor (N, 3, size, size), for methods that
     train for many epochs (1,000 images at 256 px take 200 MB)."""
     stored = torch.empty((len(images), 3, size, size), dtype=torch.uint8)
-    with make_progress() as progress:
-        task = progress.add_task("loading images", total=len(images), info="")
-        start = 0
-        for batch in iter_batches(images, size, batch_size):
-            count = len(batch.sizes)
-            stored[start : start + count] = (batch.pixels * 255).round().to(torch.uint8)
-            start += count
-            progress.advance(task, count)
+    start = 0
+    for batch in iter_batches(images, size, batch_size, "loading images"):
+        count = len(batch.sizes)
+        stored[start : start + count] = (batch.pixels * 255).round().to(torch.uint8)
+        start += count
     return stored

@@ -54,6 +54,10 @@ def preprocessing_config(image_size: int) -> dict[str, Any]:
 
 def export_onnx(detector: Detector, path: str | Path, opset: int = OPSET) -> Path:
     """Write a fitted detector as one ONNX file (weights inside) and check it against torch."""
+    if isinstance(detector, OnnxModel):
+        raise ExportError(
+            f"{detector.path} is already an ONNX export; export the .safetensors model"
+        )
     detector._check_fitted()
     path = Path(path)
     module = detector.export_module().eval()

@@ -1,27 +1,25 @@
 """ONNX Runtime inference for models exported with `anomalens export`.
 
-`OnnxModel(path)` has the torch model's `predict`, `decision_function` and `predict_batch`: it is a
-`Detector` whose batch scoring runs the ONNX graph, so image loading, resizing, thresholds and
-masks are the very same code. It reads everything it needs (thresholds, input size, model name and
-parameters) from the ONNX metadata. It cannot be fitted or saved: fit the torch model and export it.
+`OnnxModel(path)` has the torch model's `predict`, `decision_function`, `predict_batch` and
+`calibrate`: it is a `Scorer`, as every `Detector` is, whose batch scoring runs the ONNX graph, so
+image loading, resizing, thresholds and masks are the very same code. It reads everything it needs
+(thresholds, input size, model name and parameters) from the ONNX metadata. Learning is the torch
+model's: fit it and export it again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Self
 
 import numpy as np
 import torch
 
-from anomalens.core.detector import Detector
 from anomalens.core.model_file import CONFIG_KEY, first_line, parse_config
-from anomalens.data.preprocessing import ImageLike
-from anomalens.errors import AnomalensError, ExportError, ModelFileError
+from anomalens.core.scorer import Scorer
+from anomalens.errors import ModelFileError
 
 
-class OnnxModel(Detector):
+class OnnxModel(Scorer):
     """An exported model run by ONNX Runtime on the CPU; `threads` = ORT's intra-op threads
     (None: ORT's default, one per physical core)."""
 
@@ -49,34 +47,17 @@ class OnnxModel(Detector):
         if CONFIG_KEY not in metadata:
             raise ModelFileError(f"{path} is an ONNX file but not an anomalens export")
         config = parse_config(metadata[CONFIG_KEY], path)
-        common = set(Detector.param_names())
-        super().__init__(**{k: v for k, v in config["params"].items() if k in common})
         self.path = path
         self.threads = threads
         self.config = config
         self.name = config["model"]
+        self.produces_maps = len(session.get_outputs()) > 1
+        self.image_size = int(config["params"]["image_size"])
+        self.batch_size = int(config["params"]["batch_size"])
         self.session_ = session
         self.input_name_ = session.get_inputs()[0].name
-        self.produces_maps = len(session.get_outputs()) > 1
-        self.restore({}, config["fitted"])
+        self.restore_thresholds(config["fitted"])
 
     def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         outputs = self.session_.run(None, {self.input_name_: pixels.numpy()})
         return outputs[0], outputs[1] if self.produces_maps else None
-
-    def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Nothing to rebuild: the graph holds the fitted tensors."""
-
-    def fit(self, images: Sequence[ImageLike]) -> Self:
-        raise AnomalensError(
-            f"{self.path} is an ONNX export and cannot be fitted; fit the torch model "
-            "(anomalens fit) and export it again"
-        )
-
-    def save(self, path: str | Path) -> Path:
-        raise AnomalensError(
-            f"{self.path} is an ONNX export; it is already saved (copy the file to keep it)"
-        )
-
-    def export_module(self) -> torch.nn.Module:
-        raise ExportError(f"{self.path} is already an ONNX export; export the .safetensors model")

@@ -18,6 +18,7 @@ from torch import nn
 
 from anomalens.errors import WeightsError
 from anomalens.features.handcrafted import HANDCRAFTED, HandcraftedFeatures, handcrafted_levels
+from anomalens.state_dict import under_prefix, with_prefix
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 IMAGE_LEVEL_STRIDES = (16, 32)
@@ -257,7 +258,7 @@ def create_backbone(
 
 def backbone_tensors(extractor: FeatureExtractor) -> dict[str, torch.Tensor]:
     """The extractor's weights keyed ``backbone.<name>``, for a model file."""
-    return {f"backbone.{key}": value for key, value in extractor.weight_tensors().items()}
+    return with_prefix("backbone", extractor.weight_tensors())
 
 
 def restore_backbone(
@@ -266,7 +267,5 @@ def restore_backbone(
     """Rebuild an extractor from a model file's ``backbone.*`` tensors (explicit, never silent:
     random initialisation, then every weight loaded strictly)."""
     extractor = create_backbone(name, layers, "random")
-    prefix = "backbone."
-    state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-    extractor.load_weight_tensors(state)
+    extractor.load_weight_tensors(under_prefix("backbone", tensors))
     return extractor

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from anomalens.data.preprocessing import ImageLike, iter_batches
-from anomalens.progress import make_progress
 
 
 def aggregate_patches(feature_maps: list[torch.Tensor], neighbourhood: int = 3) -> torch.Tensor:
@@ -56,11 +55,9 @@ def pooled_dataset_features(
 ) -> torch.Tensor:
     """`pooled_features` of every image, streamed in batches: (N, sum C) float32."""
     vectors = []
-    with make_progress() as progress, torch.inference_mode():
-        task = progress.add_task(description, total=len(images), info="")
-        for batch in iter_batches(images, image_size, batch_size):
+    with torch.inference_mode():
+        for batch in iter_batches(images, image_size, batch_size, description):
             vectors.append(pooled_features(extractor(batch.pixels)))
-            progress.advance(task, len(batch.sizes))
     return torch.cat(vectors)
 
 
@@ -71,12 +68,9 @@ def backbone_features(
     """The backbone's feature maps of every image, computed once: one (N, C, h, w) tensor per
     level. Trained methods on a frozen backbone train on this cache instead of re-running it."""
     levels: list[list[torch.Tensor]] = []
-    with make_progress() as progress:
-        task = progress.add_task("features", total=len(images), info="")
-        for batch in iter_batches(images, size, batch_size):
-            for level, features in enumerate(backbone(batch.pixels)):
-                if level == len(levels):
-                    levels.append([])
-                levels[level].append(features)
-            progress.advance(task, len(batch.sizes))
+    for batch in iter_batches(images, size, batch_size, "features"):
+        for level, features in enumerate(backbone(batch.pixels)):
+            if level == len(levels):
+                levels.append([])
+            levels[level].append(features)
     return [torch.cat(level) for level in levels]

@@ -35,7 +35,6 @@ from anomalens.data.preprocessing import ImageLike, iter_batches
 from anomalens.errors import ParameterError
 from anomalens.features.backbones import DEFAULT_BACKBONE, Backbone
 from anomalens.features.patches import aggregate_patches, flatten_patches
-from anomalens.progress import make_progress
 
 
 def feature_autoencoder(channels: int, latent: int) -> nn.Sequential:
@@ -70,6 +69,7 @@ class DFR(TrainedDetector):
     """Deep feature reconstruction: a 1x1 autoencoder over frozen multi-scale CNN features."""
 
     name = "dfr"
+    fitted_fields = ("layers_", "latent_channels_")
 
     def __init__(
         self,
@@ -96,11 +96,9 @@ class DFR(TrainedDetector):
         self._store_params(locals())
 
     # ---- features ----------------------------------------------------------------------------
-    def _build_backbone(self, weights: str | Path) -> None:
-        self.backbone_ = Backbone(
-            self.backbone, tuple(self.layers) if self.layers else None, weights
-        )
-        self.layers = list(self.backbone_.layers)
+    def _build_backbone(self, weights: str | Path, layers: list[str] | None) -> None:
+        self.backbone_ = Backbone(self.backbone, tuple(layers) if layers else None, weights)
+        self.layers_ = list(self.backbone_.layers)
 
     @torch.inference_mode()
     def _vectors(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -111,11 +109,8 @@ class DFR(TrainedDetector):
     def _extract(self, images: list[ImageLike]) -> torch.Tensor:
         """Feature vectors of all images, float16 to halve the memory of the training set."""
         chunks = []
-        with make_progress() as progress:
-            task = progress.add_task("features", total=len(images), info="")
-            for batch in iter_batches(images, self.image_size, self.batch_size):
-                chunks.append(self._vectors(batch.pixels)[0].half())
-                progress.advance(task, len(batch.sizes))
+        for batch in iter_batches(images, self.image_size, self.batch_size, "features"):
+            chunks.append(self._vectors(batch.pixels)[0].half())
         return torch.cat(chunks)
 
     def _standardise(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -129,7 +124,7 @@ class DFR(TrainedDetector):
             raise ParameterError(f"latent_variance must be in (0, 1], got {self.latent_variance}")
         if self.latent_channels is not None and int(self.latent_channels) < 1:
             raise ParameterError(f"latent_channels must be positive, got {self.latent_channels}")
-        self._build_backbone(self.weights)
+        self._build_backbone(self.weights, self.layers)
         vectors = self._extract(images)
         total = torch.zeros(vectors.shape[1], dtype=torch.float64)
         squares = torch.zeros_like(total)
@@ -172,13 +167,6 @@ class DFR(TrainedDetector):
         return image_scores(maps, self.image_score, self.top_k), maps
 
     # ---- persistence -------------------------------------------------------------------------
-    def fitted_config(self) -> dict:
-        return {**super().fitted_config(), "latent_channels": self.latent_channels_}
-
-    def restore(self, tensors: dict[str, torch.Tensor], fitted: dict) -> None:
-        self.latent_channels_ = int(fitted["latent_channels"])
-        super().restore(tensors, fitted)
-
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {
             "feature_mean": self.feature_mean_,
@@ -188,7 +176,7 @@ class DFR(TrainedDetector):
         }
 
     def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
-        self._build_backbone("random")
+        self._build_backbone("random", self.layers_)
         load_module_tensors(self.backbone_.network, tensors, "backbone")
         self.feature_mean_ = tensors["feature_mean"]
         self.feature_std_ = tensors["feature_std"]

@@ -17,12 +17,14 @@ import torch
 from torch import nn
 
 from anomalens.components.flows import gaussian_nll, nll_to_map
+from anomalens.components.networks import module_tensors
 from anomalens.core.trainable import TrainedDetector
 from anomalens.core.training import optimizer_step
 from anomalens.data.preprocessing import ImageLike
 from anomalens.errors import AnomalensError
 from anomalens.features.backbones import Backbone
 from anomalens.features.patches import backbone_features
+from anomalens.state_dict import under_prefix
 
 
 class FlowDetector(TrainedDetector):
@@ -30,6 +32,8 @@ class FlowDetector(TrainedDetector):
     Subclasses declare the parameters: `backbone`, `layers`, `weights`, `flow_steps`, `clamp`,
     `learning_rate`, `max_epochs`, `time_budget_s`, `patience`, `smoothing_sigma` and the common
     ones."""
+
+    fitted_fields = ("layers_",)
 
     # ---- what a flow method implements --------------------------------------------------------
     def _build_flow(self, level: int, channels: int, generator: torch.Generator) -> nn.Module:
@@ -40,15 +44,13 @@ class FlowDetector(TrainedDetector):
         raise NotImplementedError
 
     # ---- shared ---------------------------------------------------------------------------------
-    def _build(self, weights: str | Path) -> None:
+    def _build(self, weights: str | Path, layers: list[str] | None) -> None:
         if self.flow_steps < 1 or self.clamp <= 0:
             raise AnomalensError(
                 f"flow_steps must be >= 1 and clamp > 0, got {self.flow_steps} and {self.clamp}"
             )
-        self.backbone_ = Backbone(
-            self.backbone, tuple(self.layers) if self.layers else None, weights
-        )
-        self.layers = list(self.backbone_.layers)
+        self.backbone_ = Backbone(self.backbone, tuple(layers) if layers else None, weights)
+        self.layers_ = list(self.backbone_.layers)
         generator = torch.Generator().manual_seed(self.seed)
         self.flows_ = nn.ModuleList(
             self._build_flow(level, channels, generator)
@@ -72,7 +74,7 @@ class FlowDetector(TrainedDetector):
 
     def _fit(self, images: list[ImageLike]) -> None:
         self._start_training()
-        self._build(self.weights)
+        self._build(self.weights, self.layers)
         self._fit_features(
             backbone_features(self.backbone_, images, self.image_size, self.batch_size)
         )
@@ -102,21 +104,18 @@ class FlowDetector(TrainedDetector):
         return maps.amax(dim=(1, 2)).numpy().astype(np.float64), maps.numpy().astype(np.float32)
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {f"flows.{k}": v for k, v in self.flows_.state_dict().items()}
+        tensors = {
+            **module_tensors("flows", self.flows_),
+            **module_tensors("backbone", self.backbone_.network),
+        }
         for level, (mean, std) in enumerate(zip(self.means_, self.stds_, strict=True)):
             tensors[f"mean.{level}"], tensors[f"std.{level}"] = mean, std
-        for key, value in self.backbone_.network.state_dict().items():
-            tensors[f"backbone.{key}"] = value
         return tensors
 
     def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
-        self._build("random")
-
-        def part(prefix: str) -> dict[str, torch.Tensor]:
-            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-        self.backbone_.network.load_state_dict(part("backbone."), strict=True)
-        self.flows_.load_state_dict(part("flows."), strict=True)
+        self._build("random", self.layers_)
+        self.backbone_.network.load_state_dict(under_prefix("backbone", tensors), strict=True)
+        self.flows_.load_state_dict(under_prefix("flows", tensors), strict=True)
         levels = range(len(self.backbone_.channels))
         self.means_ = [tensors[f"mean.{level}"] for level in levels]
         self.stds_ = [tensors[f"std.{level}"] for level in levels]

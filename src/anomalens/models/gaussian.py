@@ -34,6 +34,7 @@ class Gaussian(Detector):
     """Mahalanobis distance of pooled multi-level features to a Ledoit-Wolf Gaussian."""
 
     name = "gaussian"
+    fitted_fields = ("layers_",)
     produces_maps = False
 
     def __init__(
@@ -54,7 +55,7 @@ class Gaussian(Detector):
     def _fit(self, images: list[ImageLike]) -> None:
         layers = self.layers or [module for module, _, _ in feature_levels(self.backbone)]
         self.backbone_ = create_backbone(self.backbone, layers, self.weights)
-        self.layers = list(self.backbone_.layers)
+        self.layers_ = list(self.backbone_.layers)
         vectors = pooled_dataset_features(
             self.backbone_, images, self.image_size, self.batch_size
         ).double()
@@ -77,7 +78,7 @@ class Gaussian(Detector):
         return tensors
 
     def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.backbone_ = restore_backbone(self.backbone, self.layers, tensors)
+        self.backbone_ = restore_backbone(self.backbone, self.layers_, tensors)
         levels = range(len(self.backbone_.layers))
         self.means_ = [tensors[f"mean.{index}"].double() for index in levels]
         self.precisions_ = [tensors[f"precision.{index}"].double() for index in levels]

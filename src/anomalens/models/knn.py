@@ -35,6 +35,7 @@ class KNN(Detector):
     """Mean distance to the k nearest normal images in pooled pretrained-feature space."""
 
     name = "knn"
+    fitted_fields = ("layers_",)
     produces_maps = False
 
     def __init__(
@@ -58,7 +59,7 @@ class KNN(Detector):
             raise ParameterError(f"k must be at least 1, got {self.k}")
         layers = self.layers or [feature_levels(self.backbone)[-1][0]]
         self.backbone_ = create_backbone(self.backbone, layers, self.weights)
-        self.layers = list(self.backbone_.layers)
+        self.layers_ = list(self.backbone_.layers)
         vectors = pooled_dataset_features(self.backbone_, images, self.image_size, self.batch_size)
         self._set_features(vectors.float().contiguous())
 
@@ -83,7 +84,7 @@ class KNN(Detector):
         }
 
     def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.backbone_ = restore_backbone(self.backbone, self.layers, tensors)
+        self.backbone_ = restore_backbone(self.backbone, self.layers_, tensors)
         self._set_features(tensors["features"].float())
 
     def _set_features(self, features: torch.Tensor) -> None:

@@ -56,6 +56,7 @@ class OneClassSVM(Detector):
     """One-class SVM (RBF kernel) on pooled, L2-normalised pretrained features."""
 
     name = "ocsvm"
+    fitted_fields = ("layers_", "gamma_")
     produces_maps = False
 
     def __init__(
@@ -92,7 +93,7 @@ class OneClassSVM(Detector):
             else layers_with_strides(self.backbone, IMAGE_LEVEL_STRIDES)
         )
         self.backbone_ = Backbone(self.backbone, layers, self.weights)
-        self.layers = list(self.backbone_.layers)
+        self.layers_ = list(self.backbone_.layers)
         raw = pooled_dataset_features(self.backbone_, images, self.image_size, self.batch_size)
         features = self._features(raw).numpy()
         if self.gamma == "nn":
@@ -114,13 +115,6 @@ class OneClassSVM(Detector):
         return -(torch.exp(-self.gamma_ * squared) @ self.dual_coef_), None
 
     # ---- persistence -------------------------------------------------------------------------
-    def fitted_config(self) -> dict:
-        return {**super().fitted_config(), "gamma": self.gamma_}
-
-    def restore(self, tensors: dict[str, torch.Tensor], fitted: dict) -> None:
-        self.gamma_ = float(fitted["gamma"])
-        super().restore(tensors, fitted)
-
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {
             "support_vectors": self.support_vectors_,
@@ -129,6 +123,6 @@ class OneClassSVM(Detector):
         }
 
     def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.backbone_ = restore_backbone(self.backbone, tuple(self.layers), tensors)
+        self.backbone_ = restore_backbone(self.backbone, self.layers_, tensors)
         self.support_vectors_ = tensors["support_vectors"].float()
         self.dual_coef_ = tensors["dual_coef"].float()

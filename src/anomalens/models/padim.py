@@ -46,7 +46,6 @@ from anomalens.features.backbones import (
     layers_with_strides,
     restore_backbone,
 )
-from anomalens.progress import make_progress
 
 
 @register
@@ -54,6 +53,7 @@ class PaDiM(Detector):
     """PaDiM: a Gaussian per patch position over multi-layer features; Mahalanobis distance map."""
 
     name = "padim"
+    fitted_fields = ("layers_",)
 
     def __init__(
         self,
@@ -78,7 +78,7 @@ class PaDiM(Detector):
     def _build_backbone(self) -> None:
         layers = self.layers or layers_with_strides(self.backbone, (4, 8, 16))
         self.backbone_ = create_backbone(self.backbone, layers, self.weights)
-        self.layers = list(self.backbone_.layers)
+        self.layers_ = list(self.backbone_.layers)
 
     def _select_channels(self) -> torch.Tensor:
         """Seeded random subset of `n_features` of all channels, in order (sec. 4.2)."""
@@ -121,9 +121,8 @@ class PaDiM(Detector):
         # Sums of (embedding - shift) and of its outer products, with the first batch's mean as
         # the shift: nearly centred data keeps the float32 covariance accurate.
         count, shift, total, scatter = 0, None, None, None
-        with make_progress() as progress, torch.inference_mode():
-            task = progress.add_task("features", total=len(images), info="")
-            for batch in iter_batches(images, self.image_size, self.batch_size):
+        with torch.inference_mode():
+            for batch in iter_batches(images, self.image_size, self.batch_size, "features"):
                 embedding = self._embed(batch.pixels).transpose(0, 1).contiguous()  # (P, B, d)
                 if shift is None:
                     shift = embedding.mean(dim=1, keepdim=True)
@@ -133,7 +132,6 @@ class PaDiM(Detector):
                 total += centred.sum(dim=1)
                 scatter.baddbmm_(centred.transpose(1, 2), centred)
                 count += centred.shape[1]
-                progress.advance(task, centred.shape[1])
             mean = total / count
             scatter -= count * mean[:, :, None] * mean[:, None, :]
             self.mean_ = shift[:, 0] + mean
@@ -174,7 +172,7 @@ class PaDiM(Detector):
         }
 
     def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.backbone_ = restore_backbone(self.backbone, self.layers, tensors)
+        self.backbone_ = restore_backbone(self.backbone, self.layers_, tensors)
         self._prepare(tensors["channels"].long())
         self.mean_ = tensors["mean"].float()
         self.precision_ = tensors["precision"].float()

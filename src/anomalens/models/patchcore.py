@@ -36,7 +36,6 @@ from anomalens.features.backbones import (
     restore_backbone,
 )
 from anomalens.features.patches import aggregate_patches, flatten_patches
-from anomalens.progress import make_progress
 
 
 @register
@@ -44,6 +43,7 @@ class PatchCore(Detector):
     """PatchCore: nearest-neighbour distance of patch features to a coreset memory bank."""
 
     name = "patchcore"
+    fitted_fields = ("layers_",)
 
     def __init__(
         self,
@@ -76,19 +76,17 @@ class PatchCore(Detector):
         if not 0 < self.coreset_ratio <= 1:
             raise ParameterError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
         self.backbone_ = create_backbone(self.backbone, self.layers, self.weights)
-        self.layers = list(self.backbone_.layers)
+        self.layers_ = list(self.backbone_.layers)
         bank: np.ndarray | None = None
-        with make_progress() as progress:
-            task = progress.add_task("features", total=len(images), info="")
+        with torch.inference_mode():
             start = 0
-            for batch in iter_batches(images, self.image_size, self.batch_size):
+            for batch in iter_batches(images, self.image_size, self.batch_size, "features"):
                 patches = flatten_patches(self._patch_features(batch.pixels)).numpy()
                 if bank is None:
                     per_image = patches.shape[0] // len(batch.sizes)
                     bank = np.empty((per_image * len(images), patches.shape[1]), np.float32)
                 bank[start : start + patches.shape[0]] = patches
                 start += patches.shape[0]
-                progress.advance(task, len(batch.sizes))
         assert bank is not None
         if self.coreset_ratio < 1:
             bank = bank[greedy_coreset(bank, self.coreset_ratio, self.projection_dim, self.seed)]
@@ -135,7 +133,7 @@ class PatchCore(Detector):
         }
 
     def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.backbone_ = restore_backbone(self.backbone, self.layers, tensors)
+        self.backbone_ = restore_backbone(self.backbone, self.layers_, tensors)
         self.memory_bank_ = np.ascontiguousarray(tensors["memory_bank"].numpy(), dtype=np.float32)
         self.index_ = NearestNeighbors(self.memory_bank_)
 

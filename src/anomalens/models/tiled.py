@@ -25,6 +25,7 @@ from anomalens.data.io import to_rgb_array
 from anomalens.data.preprocessing import ImageLike, resize_to_tensor
 from anomalens.errors import AnomalensError
 from anomalens.progress import make_progress
+from anomalens.state_dict import under_prefix, with_prefix
 
 THRESHOLD_PIXELS = 1 << 20
 """Pixels per held-out image used for the pixel threshold (a regular subsample beyond this)."""
@@ -78,9 +79,6 @@ class Tiled(Detector):
         check_tiling(self.tile_size, self.tile_overlap, self.stitch)
         self.detector_ = self._inner()
         self.detector_._fit(TiledImages(images, self.tile_size, self.tile_overlap))
-        self.detector_params = self.detector_.get_params()
-        for key in Detector.param_names():
-            self.detector_params.pop(key)
 
     def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """Tiles already cut and resized to (B, 3, S, S): the wrapped detector's scores and maps."""
@@ -124,14 +122,18 @@ class Tiled(Detector):
         return np.asarray(scores, dtype=np.float64), maps
 
     def _tensors(self) -> dict[str, torch.Tensor]:
-        return {f"detector.{key}": value for key, value in self.detector_._tensors().items()}
+        return with_prefix("detector", self.detector_._tensors())
+
+    def fitted_config(self) -> dict[str, Any]:
+        return {**super().fitted_config(), "detector": self.detector_._fitted_fields()}
+
+    def restore(self, tensors: dict[str, torch.Tensor], fitted: dict[str, Any]) -> None:
+        self.detector_ = self._inner()
+        self.detector_._restore_fields(fitted.get("detector", {}))
+        super().restore(tensors, fitted)
 
     def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.detector_ = self._inner()
-        prefix = "detector."
-        self.detector_._restore(
-            {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        )
+        self.detector_._restore(under_prefix("detector", tensors))
 
 
 def tiled(

@@ -1,0 +1,134 @@
+"""What a fitted model does, however it computes its scores: thresholds, `predict`,
+`decision_function`, `predict_batch` and the batching around them.
+
+`Detector` (the torch models, which also learn) and `OnnxModel` (an ONNX export run by ONNX
+Runtime) are both scorers: images are loaded, resized and batched by the same code, and labels
+and masks come from the same thresholds. A scorer implements `_score_batch` and sets `name`,
+`produces_maps`, `image_size`, `batch_size` and the thresholds (`restore_thresholds`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Self
+
+import numpy as np
+import torch
+
+from anomalens.components.maps import resize_maps
+from anomalens.core.prediction import Prediction
+from anomalens.core.thresholds import f1_optimal_threshold, pixel_f1_optimal_threshold
+from anomalens.data.preprocessing import Batch, ImageLike, iter_batches
+from anomalens.errors import DataError, NotFittedError
+
+
+class Scorer:
+    """Scores, labels, anomaly maps and masks from a fitted model (the inference half of the
+    detector contract)."""
+
+    name: str
+    produces_maps: bool
+    image_size: int
+    batch_size: int
+
+    # ---- thresholds ------------------------------------------------------------------------
+    def calibrate(
+        self,
+        images: Sequence[ImageLike],
+        labels: Sequence[int],
+        masks: Sequence[np.ndarray | None] | None = None,
+    ) -> Self:
+        """Set F1-optimal thresholds from an explicit labelled calibration set (never the test set).
+
+        `labels`: 1 = anomalous; `masks`: per image a bool HxW ground truth at the image's size,
+        or None; pixel calibration uses the images that have one.
+        """
+        self._check_fitted()
+        images = list(images)
+        if len(labels) != len(images):
+            raise DataError(f"calibrate got {len(images)} images but {len(labels)} labels")
+        scores, maps = self._score_all(images, "calibrating", full_size=True)
+        self.image_threshold_, _ = f1_optimal_threshold(np.asarray(labels), scores)
+        if self.produces_maps and masks is not None:
+            pairs = [(m, a) for m, a in zip(masks, maps, strict=True) if m is not None]
+            if pairs:
+                self.pixel_threshold_, _ = pixel_f1_optimal_threshold(
+                    [m for m, _ in pairs], [a for _, a in pairs]
+                )
+        self.threshold_source_ = "calibration"
+        return self
+
+    def threshold_config(self) -> dict[str, Any]:
+        """The thresholds and where they came from, as a model file's fitted config keeps them."""
+        return {
+            "image_threshold": self.image_threshold_,
+            "pixel_threshold": self.pixel_threshold_,
+            "n_train_images": self.n_train_images_,
+            "n_validation_images": self.n_validation_images_,
+            "threshold_source": self.threshold_source_,
+        }
+
+    def restore_thresholds(self, fitted: dict[str, Any]) -> None:
+        """Set the thresholds from a model file's (or an ONNX export's) fitted config."""
+        self.image_threshold_ = float(fitted["image_threshold"])
+        pixel = fitted.get("pixel_threshold")
+        self.pixel_threshold_ = None if pixel is None else float(pixel)
+        self.n_train_images_ = int(fitted["n_train_images"])
+        self.n_validation_images_ = int(fitted["n_validation_images"])
+        self.threshold_source_ = str(fitted["threshold_source"])
+
+    # ---- inference -------------------------------------------------------------------------
+    def predict(self, images: Sequence[ImageLike]) -> list[Prediction]:
+        """Score, label, anomaly map (HxW at the image's own size) and mask for every image."""
+        self._check_fitted()
+        scores, maps = self._score_all(list(images), "predicting", full_size=True)
+        return [self._prediction(score, m) for score, m in zip(scores, maps, strict=True)]
+
+    def decision_function(self, images: Sequence[ImageLike]) -> np.ndarray:
+        """Anomaly scores only (higher = more anomalous), like PyOD's `decision_function`."""
+        self._check_fitted()
+        return self._score_all(list(images), "scoring")[0]
+
+    def predict_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Scores (B,) and maps (B, S, S) for an already resized (B, 3, S, S) tensor in [0, 1]."""
+        self._check_fitted()
+        with torch.inference_mode():
+            return self._score_batch(pixels)
+
+    def _prediction(self, score: float, anomaly_map: np.ndarray | None) -> Prediction:
+        mask = None if anomaly_map is None else anomaly_map > self.pixel_threshold_
+        return Prediction(float(score), bool(score > self.image_threshold_), anomaly_map, mask)
+
+    def _score_all(
+        self, images: list[ImageLike], description: str, full_size: bool = False
+    ) -> tuple[np.ndarray, list[np.ndarray | None]]:
+        scores: list[np.ndarray] = []
+        maps: list[np.ndarray | None] = []
+        with torch.inference_mode():
+            for batch in iter_batches(images, self.image_size, self.batch_size, description):
+                batch_scores, batch_maps = self._score_batch(batch.pixels)
+                scores.append(batch_scores)
+                maps.extend(self._resize_maps(batch, batch_maps, full_size))
+        return np.concatenate(scores).astype(np.float64), maps
+
+    @staticmethod
+    def _resize_maps(
+        batch: Batch, maps: np.ndarray | None, full_size: bool
+    ) -> list[np.ndarray | None]:
+        if maps is None:
+            return [None] * len(batch.sizes)
+        if not full_size:
+            return list(maps)
+        return [
+            resize_maps(torch.from_numpy(m)[None, None], size)[0, 0].numpy()
+            for m, size in zip(maps, batch.sizes, strict=True)
+        ]
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "image_threshold_"):
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet: call fit first")
+
+    # ---- what a scorer implements ----------------------------------------------------------
+    def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Scores (B,) and anomaly maps (B, S, S) at the model's input size, or None."""
+        raise NotImplementedError
