@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import time
 from pathlib import Path
 
@@ -22,10 +21,7 @@ import anomalens
 from anomalens.data.mvtec import test_samples, training_images
 from anomalens.evaluation.benchmark import batch1_speed
 from anomalens.evaluation.evaluator import evaluate
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from anomalens.evaluation.memory import peak_rss_mb
 
 
 def accuracy(root: Path, params: dict) -> dict:

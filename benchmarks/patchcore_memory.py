@@ -15,7 +15,7 @@ import numpy as np
 
 import anomalens
 from anomalens.data.synthetic import TEXTURES, normal_crop
-from anomalens.evaluation.evaluator import PeakMemory
+from anomalens.evaluation.memory import PeakMemory
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ from anomalens.deploy.export import FORMATS, export_onnx
 from anomalens.errors import AnomalensError, DataError, ImageReadError
 from anomalens.evaluation.benchmark import DEFAULT_MODELS, parse_models, run_benchmark
 from anomalens.evaluation.evaluator import evaluate as evaluate_model
+from anomalens.evaluation.report import write_page
 from anomalens.evaluation.viz import ResultRow, overlay, save_png, write_results_page
 from anomalens.models.tiled import tiled
 
@@ -274,9 +275,8 @@ def demo(
             _write_report(evaluation, detector, out / category.name, f"{model} on {category.name}")
         )
     console.print(_metrics_table(f"{model} on the synthetic demo data", results))
-    index = out / "index.html"
     links = "".join(f'<li><a href="{p.relative_to(out)}">{p.parent.name}</a></li>' for p in pages)
-    index.write_text(f"<!doctype html><h1>anomalens demo</h1><ul>{links}</ul>", encoding="utf-8")
+    index = write_page(out / "index.html", "anomalens demo", f"<ul>{links}</ul>")
     console.print(f"heatmap overlays and results pages: [bold]{index.resolve()}[/]")
 
 

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,9 @@ from anomalens.data.mvtec import Sample, load_sample_mask, test_samples, trainin
 from anomalens.data.preprocessing import resize_to_tensor
 from anomalens.errors import AnomalensError
 from anomalens.evaluation.evaluator import evaluate
+from anomalens.evaluation.memory import peak_rss_mb
 from anomalens.evaluation.metrics import pro_curve
+from anomalens.evaluation.report import write_page
 from anomalens.evaluation.viz import overlay
 
 DEFAULT_MODELS = "patchcore,padim,gaussian,knn"
@@ -180,10 +181,6 @@ def _run_in_subprocess(
 
 
 # ---- one row, in its own process ---------------------------------------------------------------
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def benchmark_row(
     spec: ModelSpec, root: Path, detail: Path, speed_repeats: int = 20, examples: int = 3
 ) -> dict[str, Any]:
@@ -195,17 +192,17 @@ def benchmark_row(
         "params": spec.params,
         "dataset": root.name,
         "dataset_path": str(root),
-        "baseline_rss_mb": _peak_rss_mb(),
+        "baseline_rss_mb": peak_rss_mb(),
     }
     detector = create(spec.model, **spec.params)
     started, cpu = time.perf_counter(), time.process_time()
     detector.fit(training_images(root))
     row["fit_s"] = time.perf_counter() - started
     row["fit_cpu_s"] = time.process_time() - cpu
-    row["peak_rss_fit_mb"] = _peak_rss_mb()
+    row["peak_rss_fit_mb"] = peak_rss_mb()
     evaluation = evaluate(detector, root)
     row.update(evaluation.metrics)
-    row["peak_rss_mb"] = _peak_rss_mb()
+    row["peak_rss_mb"] = peak_rss_mb()
     row["model_state_mb"] = (
         sum(
             t.numel() * t.element_size()
@@ -238,10 +235,7 @@ def _curves_and_examples(
     scores = np.array([p.score for p in predictions])
     arrays: dict[str, np.ndarray] = {"labels": labels, "scores": scores}
     if detector.produces_maps:
-        masks = [
-            load_sample_mask(s, p.anomaly_map.shape)
-            for s, p in zip(samples, predictions, strict=True)
-        ]
+        masks = evaluation.masks
         usable = [i for i, mask in enumerate(masks) if mask is not None]
         if labels[usable].any():
             fpr, pro = pro_curve(
@@ -498,11 +492,7 @@ def write_report(rows: list[dict[str, Any]], path: str | Path, meta: dict[str, A
         f"<code>{html.escape(json.dumps(row.get('params', {})))}</code></li>"
         for row in rows
     )
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>anomalens benchmark</title>
-<style>body{{font-family:sans-serif;margin:1.5em}}table{{border-collapse:collapse;font-size:.9em}}
-th,td{{border:1px solid #ccc;padding:.2em .5em;text-align:right}}
-td:nth-child(-n+2){{text-align:left}}td.error{{color:#b00;text-align:left}}img{{margin:.3em;vertical-align:top}}</style></head><body>
-<h1>anomalens benchmark</h1><p>{html.escape(meta.get("date", ""))} &middot;
+    body = f"""<p>{html.escape(meta.get("date", ""))} &middot;
 {html.escape(meta.get("machine", ""))} &middot; torch {html.escape(meta.get("torch", ""))}</p>
 <p><code>{html.escape(meta.get("command", ""))}</code></p>
 <table><tr><th>dataset</th><th>model</th>{header}</tr>{body}</table>
@@ -510,9 +500,13 @@ td:nth-child(-n+2){{text-align:left}}td.error{{color:#b00;text-align:left}}img{{
 batch-1: median of single-image predict calls against the backbone's own forward pass,
 interleaved. Peak RSS: the row's own process (baseline after imports in results.json).
 Model MB: fitted state without backbone weights.</p>
-{"".join(sections)}<h2>Parameters</h2><ul>{params}</ul></body></html>"""
-    path.write_text(page, encoding="utf-8")
-    return path
+{"".join(sections)}<h2>Parameters</h2><ul>{params}</ul>"""
+    style = (
+        "table{font-size:.9em}th,td{padding:.2em .5em;text-align:right}"
+        "td:nth-child(-n+2){text-align:left}td.error{color:#b00;text-align:left}"
+        "img{margin:.3em;vertical-align:top}"
+    )
+    return write_page(path, "anomalens benchmark", body, style)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from anomalens.core.prediction import Prediction
 from anomalens.core.registry import create
 from anomalens.data.mvtec import Sample, load_sample_mask, test_samples, training_images
+from anomalens.evaluation.memory import PeakMemory
 from anomalens.evaluation.metrics import evaluate_predictions
 
 
@@ -20,6 +23,8 @@ class Evaluation:
     metrics: dict[str, Any]
     samples: list[Sample]
     predictions: list[Prediction]
+    masks: list[np.ndarray | None]
+    """Per sample its ground truth at its map's size (None: normal, or no map or mask)."""
 
 
 def evaluate(detector: Any, root: str | Path) -> Evaluation:
@@ -36,6 +41,7 @@ def evaluate(detector: Any, root: str | Path) -> Evaluation:
     labels = [sample.label for sample in samples]
     scores = [p.score for p in predictions]
     metrics: dict[str, Any]
+    masks: list[np.ndarray | None] = [None] * len(samples)
     if detector.produces_maps:
         masks = [
             load_sample_mask(sample, p.anomaly_map.shape)
@@ -52,44 +58,7 @@ def evaluate(detector: Any, root: str | Path) -> Evaluation:
         metrics = evaluate_predictions(labels, scores)
     metrics["n_images"] = len(samples)
     metrics["predict_ms_per_image"] = 1000.0 * elapsed / len(samples)
-    return Evaluation(metrics, samples, predictions)
-
-
-class PeakMemory:
-    """Peak resident memory (MB) of this process while the `with` block runs (Linux /proc)."""
-
-    def __init__(self, interval_s: float = 0.05) -> None:
-        self.interval_s = interval_s
-        self.peak_mb = 0.0
-
-    @staticmethod
-    def current_mb() -> float:
-        try:
-            with open("/proc/self/status", encoding="ascii") as status:
-                for line in status:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return float("nan")
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.peak_mb = max(self.peak_mb, self.current_mb())
-
-    def __enter__(self) -> PeakMemory:
-        import threading
-
-        self.peak_mb = self.current_mb()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak_mb = max(self.peak_mb, self.current_mb())
+    return Evaluation(metrics, samples, predictions, masks)
 
 
 def fit_and_evaluate(

@@ -14,6 +14,8 @@ from matplotlib import colormaps
 from PIL import Image
 from scipy import ndimage
 
+from anomalens.evaluation.report import write_page
+
 
 def heatmap_rgb(anomaly_map: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """Colour (HxWx3 uint8, 'jet') and opacity (HxW in [0, 1]) for a map.
@@ -89,7 +91,6 @@ def write_results_page(
     threshold: float | None = None,
 ) -> Path:
     """A single HTML file, images inline, listing every image most anomalous first."""
-    path = Path(path)
     metric_rows = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{'n/a' if v is None else f'{v:.4f}'}</td></tr>"
         for k, v in (metrics or {}).items()
@@ -103,14 +104,11 @@ def write_results_page(
         for r in sorted(rows, key=lambda r: -r.score)
     )
     threshold_line = "" if threshold is None else f"<p>Image threshold: {threshold:.4g}</p>"
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;margin:1.5em}}table{{border-collapse:collapse}}
-th,td{{border:1px solid #ccc;padding:.2em .6em;text-align:left}}
-figure{{display:inline-block;margin:.4em;padding:.3em;border:3px solid #8c8;font-size:.8em}}
-figure.bad{{border-color:#d44}}img{{display:block;width:200px}}</style></head><body>
-<h1>{html.escape(title)}</h1>{threshold_line}<table>{metric_rows}</table>
+    body = f"""{threshold_line}<table>{metric_rows}</table>
 <p>Heatmap: blue = normal, red = anomalous; white outline = predicted defect mask.
-Red frame = classified anomalous.</p>{cards}</body></html>"""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
-    return path
+Red frame = classified anomalous.</p>{cards}"""
+    style = (
+        "figure{display:inline-block;margin:.4em;padding:.3em;border:3px solid #8c8;"
+        "font-size:.8em}figure.bad{border-color:#d44}img{display:block;width:200px}"
+    )
+    return write_page(path, title, body, style)
