@@ -8,9 +8,9 @@
 
 Nothing is trained: `fit` extracts features once and selects the coreset. `backbone="handcrafted"`
 uses colour/LBP/gradient-orientation statistics instead of a CNN (`anomalens.features.handcrafted`).
-`export_module` gives the same computation as one graph for ONNX: the nearest-neighbour search
-becomes a matrix product and a reduction over the bank, and the reweighting gathers each bank
-patch's neighbours, precomputed at export time.
+`predict` and the ONNX graph run the same function (`_score_tensors`); in the graph the
+nearest-neighbour search is a matrix product and a reduction over the bank, and the reweighting
+gathers each bank patch's neighbours, precomputed at fit (or load) time.
 
 Default `coreset_ratio=0.01`: the paper's PatchCore-1% is within 0.1-0.2 points of the 10% bank on
 MVTec AD, while a 10x smaller bank makes the nearest-neighbour search 10x cheaper at predict time
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import nn
 
 from anomalens.components.maps import anomaly_maps
 from anomalens.components.neighbors import NearestNeighbors, greedy_coreset, nearest_by_matmul
@@ -90,40 +89,47 @@ class PatchCore(Detector):
         assert bank is not None
         if self.coreset_ratio < 1:
             bank = bank[greedy_coreset(bank, self.coreset_ratio, self.projection_dim, self.seed)]
-        self.memory_bank_ = np.ascontiguousarray(bank)
-        self.index_ = NearestNeighbors(self.memory_bank_)
+        self._index(np.ascontiguousarray(bank))
+
+    def _index(self, bank: np.ndarray) -> None:
+        """The bank, its search index and each bank patch's `num_neighbors` nearest bank
+        patches (the reweighting's support), searched a few at a time as FAISS then breaks
+        ties the same way on every machine."""
+        self.memory_bank_ = bank
+        self.bank_ = torch.from_numpy(bank)
+        self.squared_norms_ = (self.bank_ * self.bank_).sum(dim=1)
+        self.index_ = NearestNeighbors(bank)
+        support = [
+            self.index_.search(bank[start : start + 16], self.num_neighbors)[1]
+            for start in range(0, len(bank), 16)
+        ]
+        self.support_ = torch.from_numpy(np.concatenate(support))
 
     # ---- score -------------------------------------------------------------------------------
-    def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def _score_tensors(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores and maps as one torch function, run by `predict` and exported as the graph."""
         features = self._patch_features(pixels)
-        count, _, height, width = features.shape
-        patches = flatten_patches(features).numpy()
-        _, nearest = self.index_.search(patches, 1)
-        # The exact |m_test - m*|: FAISS's expanded form |q|^2 - 2 q.m + |m|^2 loses precision.
-        distances = np.linalg.norm(patches - self.memory_bank_[nearest[:, 0]], axis=1)
-        patch_scores = distances.reshape(count, height * width)
-        best = patch_scores.argmax(axis=1)
-        scores = patch_scores[np.arange(count), best]
+        count, dim, height, width = features.shape
+        patches = features.permute(0, 2, 3, 1).reshape(count, height * width, dim)
+        distances, nearest = self._nearest(patches)
+        scores, best = distances.max(dim=1)
         if self.reweight and self.num_neighbors > 1:
-            scores = scores * self._reweighting(
-                patches.reshape(count, height * width, -1)[np.arange(count), best],
-                nearest[:, 0].reshape(count, -1)[np.arange(count), best],
-            )
-        maps = torch.from_numpy(patch_scores.reshape(count, 1, height, width))
-        return scores, anomaly_maps(maps, self.image_size, self.smoothing_sigma).numpy()
+            rows = torch.arange(count)
+            support = self.bank_[self.support_[nearest[rows, best]]]
+            scores = scores * reweighting(patches[rows, best], support)
+        maps = distances.reshape(count, 1, height, width)
+        return scores, anomaly_maps(maps, self.image_size, self.smoothing_sigma)
 
-    def _reweighting(self, test_patches: np.ndarray, bank_indices: np.ndarray) -> np.ndarray:
-        """Eq. 7 weights of the test patches whose nearest bank patches are `bank_indices`."""
-        _, support = self.index_.search(self.memory_bank_[bank_indices], self.num_neighbors)
-        weights = reweighting(
-            torch.from_numpy(test_patches), torch.from_numpy(self.memory_bank_[support])
-        )
-        return weights.numpy()
-
-    # ---- export ------------------------------------------------------------------------------
-    def export_module(self) -> nn.Module:
-        self._check_fitted()
-        return PatchCoreGraph(self)
+    def _nearest(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distance to and index of the nearest bank patch of each patch (B, P, D): FAISS at
+        predict time, the same exact search as a matrix product in an exported graph."""
+        if torch.compiler.is_exporting():
+            return nearest_by_matmul(patches, self.bank_, self.squared_norms_)
+        flat = patches.reshape(-1, patches.shape[-1]).contiguous()
+        nearest = torch.from_numpy(self.index_.search(flat.numpy(), 1)[1][:, 0])
+        # The exact |m_test - m*|: FAISS's expanded form |q|^2 - 2 q.m + |m|^2 loses precision.
+        distances = torch.linalg.vector_norm(flat - self.bank_[nearest], dim=-1)
+        return distances.reshape(patches.shape[:2]), nearest.reshape(patches.shape[:2])
 
     # ---- persistence -------------------------------------------------------------------------
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -134,8 +140,7 @@ class PatchCore(Detector):
 
     def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
         self.backbone_ = restore_backbone(self.backbone, self.layers_, tensors)
-        self.memory_bank_ = np.ascontiguousarray(tensors["memory_bank"].numpy(), dtype=np.float32)
-        self.index_ = NearestNeighbors(self.memory_bank_)
+        self._index(np.ascontiguousarray(tensors["memory_bank"].numpy(), dtype=np.float32))
 
 
 def reweighting(test_patches: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
@@ -148,39 +153,3 @@ def reweighting(test_patches: torch.Tensor, support: torch.Tensor) -> torch.Tens
     distances = torch.linalg.vector_norm(support - test_patches[:, None, :], dim=-1)
     weights = torch.exp(distances - distances.amax(dim=1, keepdim=True))
     return 1.0 - weights[:, 0] / weights.sum(dim=1)
-
-
-class PatchCoreGraph(nn.Module):
-    """A fitted PatchCore as one traceable module: pixels (B, 3, S, S) in [0, 1] -> image scores
-    (B,) and anomaly maps (B, S, S), the bank search done by `nearest_by_matmul`."""
-
-    def __init__(self, model: PatchCore) -> None:
-        super().__init__()
-        self.backbone = model.backbone_
-        self.image_size = model.image_size
-        self.sigma = model.smoothing_sigma
-        bank = torch.from_numpy(model.memory_bank_.copy())
-        self.register_buffer("bank", bank)
-        self.register_buffer("squared_norms", (bank * bank).sum(dim=1))
-        self.reweight = model.reweight and model.num_neighbors > 1
-        if self.reweight:
-            # Each bank patch's neighbours, searched a few at a time as `_reweighting` does at
-            # predict time, so FAISS takes the same exact path and breaks ties the same way.
-            support = [
-                model.index_.search(model.memory_bank_[start : start + 16], model.num_neighbors)[1]
-                for start in range(0, len(model.memory_bank_), 16)
-            ]
-            self.register_buffer("support", torch.from_numpy(np.concatenate(support)))
-
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = aggregate_patches(self.backbone(pixels))
-        count, dim, height, width = features.shape
-        patches = features.permute(0, 2, 3, 1).reshape(count, height * width, dim)
-        distances, nearest = nearest_by_matmul(patches, self.bank, self.squared_norms)
-        scores, best = distances.max(dim=1)
-        if self.reweight:
-            rows = torch.arange(count)
-            support = self.bank[self.support[nearest[rows, best]]]
-            scores = scores * reweighting(patches[rows, best], support)
-        maps = anomaly_maps(distances.reshape(count, 1, height, width), self.image_size, self.sigma)
-        return scores, maps
