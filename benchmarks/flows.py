@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -25,7 +24,8 @@ import torch
 from anomalens.data.io import load_image
 from anomalens.data.mvtec import test_samples
 from anomalens.data.preprocessing import resize_to_tensor
-from anomalens.evaluation.evaluator import fit_and_evaluate
+from anomalens.evaluation import fit_and_evaluate
+from anomalens.evaluation.benchmark import run_info
 
 
 def speed(model, root: Path, repeats: int = 20) -> dict:
@@ -60,9 +60,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     report: dict = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-        "torch": torch.__version__,
+        **run_info(),
     }
     datasets = [("mvtec_bottle_512", 1), ("magnetic_tile", args.tile_every)]
     for model_name in args.models:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,8 @@ import torch
 
 import anomalens
 from anomalens.data.labelled import load_labelled, one_class_split
-from anomalens.evaluation.evaluator import fit_and_evaluate
+from anomalens.evaluation import fit_and_evaluate
+from anomalens.evaluation.benchmark import run_info
 from anomalens.evaluation.metrics import image_auroc
 
 FASHION_MNIST_CLASSES = [
@@ -167,8 +167,7 @@ def main() -> None:
     params = {} if is_mvtec else dict(SMALL_IMAGE_PARAMS.get(args.model, {}))
     params.update(parse_params(args.param), seed=args.seed)
     report: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        **run_info(),
         "model": args.model,
         "data": str(args.data),
         "params": params,

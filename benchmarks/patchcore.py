@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -19,8 +18,8 @@ import torch
 
 import anomalens
 from anomalens.data.mvtec import test_samples, training_images
-from anomalens.evaluation.benchmark import batch1_speed
-from anomalens.evaluation.evaluator import evaluate
+from anomalens.evaluation import evaluate
+from anomalens.evaluation.benchmark import batch1_speed, run_info
 from anomalens.evaluation.memory import peak_rss_mb
 
 
@@ -47,9 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     report: dict = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-        "torch": torch.__version__,
+        **run_info(),
     }
     bottle = accuracy(args.data / "mvtec_bottle_512", {})
     report["bottle"] = bottle["metrics"]

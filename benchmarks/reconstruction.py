@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 
-from anomalens.evaluation.evaluator import evaluate, fit_and_evaluate
+from anomalens.evaluation import evaluate, fit_and_evaluate
+from anomalens.evaluation.benchmark import run_info
 
 DATASETS = ("mvtec_bottle_512", "magnetic_tile")
 MODELS = ("autoencoder", "vae", "fanogan", "dfr")
@@ -65,9 +65,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     report: dict = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-        "torch": torch.__version__,
+        **run_info(),
         "results": {},
     }
     for dataset in args.datasets:

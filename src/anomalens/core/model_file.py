@@ -8,6 +8,7 @@ a JSON header and raw tensor bytes, so loading an untrusted file cannot run code
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from anomalens.errors import ModelFileError
 FORMAT = "anomalens"
 FORMAT_VERSION = 1
 CONFIG_KEY = "anomalens_config"
+ONNX_NOT_OURS = "an ONNX file but not an anomalens export"
 
 
 def model_config(name: str, params: dict[str, Any], fitted: dict[str, Any]) -> dict[str, Any]:
@@ -61,9 +63,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
             f"{path} is not a readable anomalens model file (corrupt, truncated or not "
             f"safetensors): {str(error).splitlines()[0] if str(error) else type(error).__name__}"
         ) from error
-    if CONFIG_KEY not in metadata:
-        raise ModelFileError(f"{path} is a safetensors file but not an anomalens model")
-    return parse_config(metadata[CONFIG_KEY], path)
+    return parse_config(metadata, path, "a safetensors file but not an anomalens model")
 
 
 def read_onnx_config(path: str | Path) -> dict[str, Any]:
@@ -76,15 +76,16 @@ def read_onnx_config(path: str | Path) -> dict[str, Any]:
     except Exception as error:
         raise ModelFileError(f"{path} is not a readable ONNX file: {first_line(error)}") from error
     metadata = {p.key: p.value for p in model.metadata_props}
+    return parse_config(metadata, path, ONNX_NOT_OURS)
+
+
+def parse_config(metadata: Mapping[str, str], path: Path, not_ours: str) -> dict[str, Any]:
+    """The config stored as JSON in a file's `metadata`, validated (`not_ours`: what the file
+    is when it has none)."""
     if CONFIG_KEY not in metadata:
-        raise ModelFileError(f"{path} is an ONNX file but not an anomalens export")
-    return parse_config(metadata[CONFIG_KEY], path)
-
-
-def parse_config(text: str, path: Path) -> dict[str, Any]:
-    """The config stored as JSON `text` in `path`'s metadata, validated."""
+        raise ModelFileError(f"{path} is {not_ours}")
     try:
-        config = json.loads(text)
+        config = json.loads(metadata[CONFIG_KEY])
     except json.JSONDecodeError as error:
         raise ModelFileError(f"{path} has a corrupt model config: {error}") from error
     return check_config(config, path)

@@ -20,6 +20,7 @@ class TrainedDetector(Detector):
     seconds) is kept in `training_` and in the model file's fitted config.
     """
 
+    fitted_fields = ("training_",)
     max_epochs: int
     time_budget_s: float | None
     patience: int
@@ -67,10 +68,3 @@ class TrainedDetector(Detector):
             "seconds": round(history.seconds, 2),
         }
         return history
-
-    def fitted_config(self) -> dict[str, Any]:
-        return {**super().fitted_config(), "training": self.training_}
-
-    def restore(self, tensors: dict[str, torch.Tensor], fitted: dict[str, Any]) -> None:
-        self.training_ = dict(fitted.get("training", {}))
-        super().restore(tensors, fitted)

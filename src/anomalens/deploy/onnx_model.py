@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from anomalens.core.model_file import CONFIG_KEY, first_line, parse_config
+from anomalens.core.model_file import ONNX_NOT_OURS, first_line, parse_config
 from anomalens.core.scorer import Scorer
 from anomalens.errors import ModelFileError
 
@@ -43,10 +43,7 @@ class OnnxModel(Scorer):
             raise ModelFileError(
                 f"{path} is not a readable ONNX model: {first_line(error)}"
             ) from error
-        metadata = session.get_modelmeta().custom_metadata_map
-        if CONFIG_KEY not in metadata:
-            raise ModelFileError(f"{path} is an ONNX file but not an anomalens export")
-        config = parse_config(metadata[CONFIG_KEY], path)
+        config = parse_config(session.get_modelmeta().custom_metadata_map, path, ONNX_NOT_OURS)
         self.path = path
         self.threads = threads
         self.config = config

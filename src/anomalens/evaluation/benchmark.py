@@ -135,7 +135,15 @@ def run_benchmark(
             rows.append(row)
             if on_row is not None:
                 on_row(row)
-    meta = {
+    meta = run_info(command, threads)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    write_report(rows, out / "report.html", meta)
+    return rows
+
+
+def run_info(command: str = "", threads: int | None = None) -> dict[str, Any]:
+    """When, where and with what a benchmark ran (its results' `meta`)."""
+    return {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "command": command,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
@@ -143,9 +151,6 @@ def run_benchmark(
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    write_report(rows, out / "report.html", meta)
-    return rows
 
 
 def _run_in_subprocess(

@@ -69,7 +69,7 @@ class DFR(TrainedDetector):
     """Deep feature reconstruction: a 1x1 autoencoder over frozen multi-scale CNN features."""
 
     name = "dfr"
-    fitted_fields = ("layers_", "latent_channels_")
+    fitted_fields = ("training_", "layers_", "latent_channels_")
 
     def __init__(
         self,

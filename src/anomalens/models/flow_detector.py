@@ -33,7 +33,7 @@ class FlowDetector(TrainedDetector):
     `learning_rate`, `max_epochs`, `time_budget_s`, `patience`, `smoothing_sigma` and the common
     ones."""
 
-    fitted_fields = ("layers_",)
+    fitted_fields = ("training_", "layers_")
 
     # ---- what a flow method implements --------------------------------------------------------
     def _build_flow(self, level: int, channels: int, generator: torch.Generator) -> nn.Module:
