@@ -1,4 +1,7 @@
-"""Exceptions raised for user mistakes: each carries one clear, single-line message."""
+"""Exceptions raised for user mistakes, each with one clear, single-line message, and the
+parameter checks that raise them."""
+
+from typing import Any
 
 
 class AnomalensError(Exception):
@@ -31,3 +34,14 @@ class ExportError(AnomalensError, ValueError):
 
 class ParameterError(AnomalensError, ValueError):
     """A detector parameter has a value outside what it accepts."""
+
+
+def check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
+    """Raise a `ParameterError` naming `field` unless `value` is one of `choices`."""
+    if value not in choices:
+        raise ParameterError(f"{field} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def check_positive(field: str, value: float) -> None:
+    if not value > 0:
+        raise ParameterError(f"{field} must be positive, got {value!r}")

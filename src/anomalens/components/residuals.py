@@ -1,5 +1,4 @@
-"""What the reconstruction detectors share: residual maps, SSIM, image scores from a map, and
-parameter checks.
+"""What the reconstruction detectors share: residual maps, SSIM, and image scores from a map.
 
 Residual maps (Bergmann et al., "Improving unsupervised defect segmentation by applying structural
 similarity to autoencoders", VISAPP 2019): per-pixel `l1` |x - x̂|, `l2` (x - x̂)², or `ssim`
@@ -9,26 +8,13 @@ structure rather than to the small intensity errors a blurry reconstruction make
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from anomalens.components.maps import gaussian_blur
-from anomalens.errors import ParameterError
+from anomalens.errors import ParameterError, check_choice
 
 RESIDUALS = ("l1", "l2", "ssim")
 IMAGE_SCORES = ("max", "top_k")
-
-
-def check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
-    """Raise a `ParameterError` naming `field` unless `value` is one of `choices`."""
-    if value not in choices:
-        raise ParameterError(f"{field} must be one of {', '.join(choices)}; got {value!r}")
-
-
-def check_positive(field: str, value: float) -> None:
-    if not value > 0:
-        raise ParameterError(f"{field} must be positive, got {value!r}")
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:

@@ -6,10 +6,9 @@ from typing import Any
 
 import torch
 
-from anomalens.components.residuals import check_positive
 from anomalens.core.detector import Detector
 from anomalens.core.training import Step, TrainingHistory, train
-from anomalens.errors import ParameterError
+from anomalens.errors import ParameterError, check_positive
 
 
 class TrainedDetector(Detector):

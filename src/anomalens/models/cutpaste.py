@@ -44,13 +44,12 @@ from torch import nn
 
 from anomalens.components.density import fit_gaussian, mahalanobis
 from anomalens.components.networks import load_module_tensors, module_tensors
-from anomalens.components.residuals import check_choice
 from anomalens.core.registry import register
 from anomalens.core.trainable import TrainedDetector
 from anomalens.core.training import optimizer_step
 from anomalens.data.augment import cutpaste, cutpaste_scar
 from anomalens.data.preprocessing import ImageLike, iter_batches, load_resized
-from anomalens.errors import ParameterError
+from anomalens.errors import ParameterError, check_choice
 from anomalens.features.backbones import (
     DEFAULT_BACKBONE,
     IMAGE_LEVEL_STRIDES,

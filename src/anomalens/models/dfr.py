@@ -27,12 +27,12 @@ from torch import nn
 
 from anomalens.components.maps import anomaly_maps
 from anomalens.components.networks import load_module_tensors, module_tensors
-from anomalens.components.residuals import IMAGE_SCORES, check_choice, image_scores
+from anomalens.components.residuals import IMAGE_SCORES, image_scores
 from anomalens.core.registry import register
 from anomalens.core.trainable import TrainedDetector
 from anomalens.core.training import optimizer_step
 from anomalens.data.preprocessing import ImageLike, iter_batches
-from anomalens.errors import ParameterError
+from anomalens.errors import ParameterError, check_choice
 from anomalens.features.backbones import DEFAULT_BACKBONE, Backbone
 from anomalens.features.patches import aggregate_patches, flatten_patches
 

@@ -29,17 +29,12 @@ from anomalens.components.networks import (
     make_augmentation,
     module_tensors,
 )
-from anomalens.components.residuals import (
-    RESIDUALS,
-    check_choice,
-    check_positive,
-    residual_map,
-)
+from anomalens.components.residuals import RESIDUALS, residual_map
 from anomalens.core.registry import register
 from anomalens.core.trainable import TrainedDetector
 from anomalens.core.training import Step, optimizer_step
 from anomalens.data.preprocessing import ImageLike, load_resized
-from anomalens.errors import ParameterError
+from anomalens.errors import ParameterError, check_choice, check_positive
 
 
 @register

@@ -27,18 +27,12 @@ from anomalens.components.networks import (
     make_augmentation,
     module_tensors,
 )
-from anomalens.components.residuals import (
-    IMAGE_SCORES,
-    RESIDUALS,
-    check_choice,
-    check_positive,
-    image_scores,
-    residual_map,
-)
+from anomalens.components.residuals import IMAGE_SCORES, RESIDUALS, image_scores, residual_map
 from anomalens.core.registry import register
 from anomalens.core.trainable import TrainedDetector
 from anomalens.core.training import optimizer_step
 from anomalens.data.preprocessing import ImageLike, load_resized
+from anomalens.errors import check_choice, check_positive
 
 VAE_SCORES = ("elbo", "reconstruction", *IMAGE_SCORES)
 
