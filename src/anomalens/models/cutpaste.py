@@ -45,7 +45,7 @@ from torch import nn
 from anomalens.components.density import fit_gaussian, mahalanobis
 from anomalens.components.networks import load_module_tensors, module_tensors
 from anomalens.core.registry import register
-from anomalens.core.trainable import TrainedDetector
+from anomalens.core.trained_detector import TrainedDetector
 from anomalens.core.training import optimizer_step
 from anomalens.data.augment import cutpaste, cutpaste_scar
 from anomalens.data.preprocessing import ImageLike, iter_batches, load_resized

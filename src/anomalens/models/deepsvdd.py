@@ -23,7 +23,7 @@ from torch import nn
 
 from anomalens.components.networks import ConvEmbedder, load_module_tensors, module_tensors
 from anomalens.core.registry import register
-from anomalens.core.trainable import TrainedDetector
+from anomalens.core.trained_detector import TrainedDetector
 from anomalens.core.training import optimizer_step
 from anomalens.data.preprocessing import ImageLike, load_resized
 from anomalens.features.backbones import (

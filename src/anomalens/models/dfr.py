@@ -29,7 +29,7 @@ from anomalens.components.maps import anomaly_maps
 from anomalens.components.networks import load_module_tensors, module_tensors
 from anomalens.components.residuals import IMAGE_SCORES, image_scores
 from anomalens.core.registry import register
-from anomalens.core.trainable import TrainedDetector
+from anomalens.core.trained_detector import TrainedDetector
 from anomalens.core.training import optimizer_step
 from anomalens.data.preprocessing import ImageLike, iter_batches
 from anomalens.errors import ParameterError, check_choice

@@ -31,7 +31,7 @@ from anomalens.components.networks import (
 )
 from anomalens.components.residuals import RESIDUALS, residual_map
 from anomalens.core.registry import register
-from anomalens.core.trainable import TrainedDetector
+from anomalens.core.trained_detector import TrainedDetector
 from anomalens.core.training import Step, optimizer_step
 from anomalens.data.preprocessing import ImageLike, load_resized
 from anomalens.errors import ParameterError, check_choice, check_positive

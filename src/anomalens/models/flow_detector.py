@@ -18,7 +18,7 @@ from torch import nn
 
 from anomalens.components.flows import gaussian_nll, nll_to_map
 from anomalens.components.networks import module_tensors
-from anomalens.core.trainable import TrainedDetector
+from anomalens.core.trained_detector import TrainedDetector
 from anomalens.core.training import optimizer_step
 from anomalens.data.preprocessing import ImageLike
 from anomalens.errors import AnomalensError

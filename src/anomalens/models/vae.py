@@ -29,7 +29,7 @@ from anomalens.components.networks import (
 )
 from anomalens.components.residuals import IMAGE_SCORES, RESIDUALS, image_scores, residual_map
 from anomalens.core.registry import register
-from anomalens.core.trainable import TrainedDetector
+from anomalens.core.trained_detector import TrainedDetector
 from anomalens.core.training import optimizer_step
 from anomalens.data.preprocessing import ImageLike, load_resized
 from anomalens.errors import check_choice, check_positive
