@@ -55,6 +55,19 @@ def test_every_registered_model_is_covered() -> None:
     assert {model_name(case) for case in CASES} == set(anomalens.list_models())
 
 
+@pytest.mark.parametrize("name", anomalens.list_models())
+def test_every_model_round_trips_its_parameters(name: str) -> None:
+    model = anomalens.create(name)
+    params = model.get_params()
+    assert params, f"{name} exposes no parameters"
+    assert anomalens.create(name, **params).get_params() == params
+    assert not [key for key in vars(model) if key.endswith("_")], "constructor must not fit"
+    assert repr(model).startswith(type(model).__name__ + "(")
+    assert model.set_params(seed=7) is model and model.get_params()["seed"] == 7
+    with pytest.raises(anomalens.AnomalensError, match="no parameter 'sede'"):
+        model.set_params(sede=7)
+
+
 @pytest.fixture(scope="module")
 def data(brick: Path) -> tuple[list[Path], list[Path]]:
     return training_images(brick)[:8], [s.path for s in test_samples(brick)[-3:]]

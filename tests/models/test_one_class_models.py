@@ -98,16 +98,6 @@ def test_rotnet_fails_on_rotation_symmetric_objects() -> None:
     assert rings.recognition_accuracy(glyphs("ring", 20, seed=1)) <= 0.25
 
 
-def test_rotnet_save_load_and_determinism(rotnet_on_l, tmp_path: Path) -> None:
-    images = glyphs("L", 4, seed=5) + glyphs("T", 4, seed=6)
-    scores = rotnet_on_l.decision_function(images)
-    loaded = anomalens.load(rotnet_on_l.save(tmp_path / "rotnet.safetensors"))
-    assert np.allclose(loaded.decision_function(images), scores, rtol=1e-5)
-    assert loaded.image_threshold_ == rotnet_on_l.image_threshold_
-    first, second = (small_rotnet(max_epochs=2).fit(glyphs("L", 12, seed=0)) for _ in range(2))
-    assert np.array_equal(first.decision_function(images), second.decision_function(images))
-
-
 def test_rotnet_simple_score_and_bad_params(rotnet_on_l) -> None:
     rotnet_on_l.score = "simple"
     try:
