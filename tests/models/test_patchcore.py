@@ -81,7 +81,8 @@ def test_model_file_has_no_pickle_and_a_json_config(fitted_patchcore, tmp_path) 
     assert config["format"] == "anomalens" and config["format_version"] == 1
     assert config["model"] == "patchcore"
     assert config["params"]["backbone"] == "tf_efficientnet_lite0"
-    assert config["params"]["layers"] == ["blocks.2", "blocks.4"]
+    assert config["params"]["layers"] is None  # as given; the resolved layers are fitted state
+    assert config["fitted"]["layers"] == ["blocks.2", "blocks.4"]
     assert config["fitted"]["image_threshold"] == fitted_patchcore.image_threshold_
 
 
