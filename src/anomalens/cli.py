@@ -20,12 +20,14 @@ import anomalens
 from anomalens import progress
 from anomalens.components.tiling import check_tiling
 from anomalens.core.model_file import read_config
+from anomalens.core.scorer import Scorer
 from anomalens.data.io import list_images, to_rgb_array
 from anomalens.data.mvtec import training_images
 from anomalens.data.synthetic import TEXTURES, make_dataset
 from anomalens.deploy.export import FORMATS, export_onnx
 from anomalens.errors import AnomalensError, DataError, ImageReadError
 from anomalens.evaluation.benchmark import DEFAULT_MODELS, parse_models, run_benchmark
+from anomalens.evaluation.evaluator import Evaluation
 from anomalens.evaluation.evaluator import evaluate as evaluate_model
 from anomalens.evaluation.report import write_page
 from anomalens.evaluation.viz import ResultRow, overlay, save_png, write_results_page
@@ -202,7 +204,7 @@ def _metrics_table(title: str, rows: list[tuple[str, dict[str, Any]]]) -> Table:
     return table
 
 
-def _write_report(evaluation: Any, detector: Any, out: Path, title: str) -> Path:
+def _write_report(evaluation: Evaluation, detector: Scorer, out: Path, title: str) -> Path:
     rows = []
     for sample, result in zip(evaluation.samples, evaluation.predictions, strict=True):
         image = to_rgb_array(sample.path)

@@ -37,11 +37,12 @@ import torch
 
 from anomalens import progress
 from anomalens.core.registry import create, model_class
+from anomalens.core.scorer import Scorer
 from anomalens.data.io import to_rgb_array
 from anomalens.data.mvtec import Sample, load_sample_mask, test_samples, training_images
 from anomalens.data.preprocessing import resize_to_tensor
 from anomalens.errors import AnomalensError
-from anomalens.evaluation.evaluator import evaluate
+from anomalens.evaluation.evaluator import Evaluation, evaluate
 from anomalens.evaluation.memory import peak_rss_mb
 from anomalens.evaluation.metrics import pro_curve
 from anomalens.evaluation.report import write_page
@@ -231,7 +232,7 @@ def benchmark_row(
 
 
 def _curves_and_examples(
-    detector: Any, evaluation: Any, examples: int
+    detector: Scorer, evaluation: Evaluation, examples: int
 ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
     """Labels and scores (for ROC curves), the PRO curve on a regular FPR grid, and the
     `examples` highest-scored normal and lowest-scored anomalous images with their maps."""
@@ -277,7 +278,7 @@ def _shrink(array: np.ndarray, side: int = 256) -> np.ndarray:
 
 
 def interleaved_speed(
-    detectors: dict[str, Any], images: Sequence[Any], repeats: int = 20, batch_size: int = 1
+    detectors: dict[str, Scorer], images: Sequence[Any], repeats: int = 20, batch_size: int = 1
 ) -> dict[str, dict[str, Any]]:
     """Per detector: median ms per image of ``predict`` on `batch_size` images already at its
     input size, and of its backbone's forward on the same tensor (None without `backbone_`).
@@ -325,7 +326,7 @@ def interleaved_speed(
     return results
 
 
-def batch1_speed(detector: Any, images: Sequence[Any], repeats: int = 20) -> dict[str, Any]:
+def batch1_speed(detector: Scorer, images: Sequence[Any], repeats: int = 20) -> dict[str, Any]:
     """`interleaved_speed` of one detector at batch 1: predict_ms_batch1, backbone_ms_batch1,
     predict_backbone_ratio and speed_repeats."""
     speed = interleaved_speed({"model": detector}, images, repeats, 1)["model"]

@@ -9,8 +9,10 @@ from typing import Any
 
 import numpy as np
 
+from anomalens.core.detector import Detector
 from anomalens.core.prediction import Prediction
 from anomalens.core.registry import create
+from anomalens.core.scorer import Scorer
 from anomalens.data.mvtec import Sample, load_sample_mask, test_samples, training_images
 from anomalens.evaluation.memory import PeakMemory
 from anomalens.evaluation.metrics import evaluate_predictions
@@ -27,7 +29,7 @@ class Evaluation:
     """Per sample its ground truth at its map's size (None: normal, or no map or mask)."""
 
 
-def evaluate(detector: Any, root: str | Path) -> Evaluation:
+def evaluate(detector: Scorer, root: str | Path) -> Evaluation:
     """Predict every image of `root/test` and score it against labels and ground-truth masks.
 
     The keys: image_auroc, image_aupr, image_f1_max, pixel_auroc, aupro (fractions in [0, 1];
@@ -63,7 +65,7 @@ def evaluate(detector: Any, root: str | Path) -> Evaluation:
 
 def fit_and_evaluate(
     model: str, root: str | Path, train_every: int = 1, **params: Any
-) -> tuple[Any, Evaluation]:
+) -> tuple[Detector, Evaluation]:
     """Create `model`, fit it on `root`'s normal training images, evaluate on its test split.
 
     `train_every=n` fits on every n-th training image (by name) only, for quicker benchmarks on
