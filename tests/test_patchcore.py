@@ -67,12 +67,13 @@ def test_detects_and_localises_synthetic_defects(fitted_patchcore, brick: Path) 
     assert peaks_inside >= 0.75 * sum(labels)
 
 
-def test_thresholds_come_from_held_out_normal_images(fitted_patchcore) -> None:
+def test_thresholds_come_from_held_out_images_then_the_bank_uses_all(fitted_patchcore) -> None:
     model = fitted_patchcore
     assert model.threshold_source_ == "normal"
-    assert model.n_validation_images_ == 2 and model.n_train_images_ == 14
+    # Thresholds from 2 held-out images; then the bank is rebuilt from all 16 (refit_on_all).
+    assert model.n_validation_images_ == 2 and model.n_train_images_ == 16
     assert np.isfinite(model.image_threshold_) and np.isfinite(model.pixel_threshold_)
-    assert model.memory_bank_.shape[0] == round(14 * 16 * 16 * 0.25)
+    assert model.memory_bank_.shape[0] == round(16 * 16 * 16 * 0.25)
 
 
 def test_maps_follow_the_input_image_size(fitted_patchcore, brick: Path) -> None:
