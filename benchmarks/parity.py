@@ -48,13 +48,21 @@ from anomalens.preprocessing import load_resized
 NAME, SIZE, SEED, RATIO, K, SIGMA, CHUNK = "tf_efficientnet_lite0", 256, 0, 0.01, 9, 4.0, 16
 PC_LAYERS, PADIM_LAYERS = ["blocks.2", "blocks.4"], ["blocks.1", "blocks.2", "blocks.4"]
 # The ablation: anomalens's PatchCore, then each difference switched to anomalib's behaviour.
-BASE = {"zero_pad": False, "coreset": "anomalens", "holdout": True, "upsample": "bilinear"}
+BASE = {
+    "zero_pad": False,
+    "coreset": "anomalens",
+    "holdout": True,
+    "upsample": "bilinear",
+    "seed": 0,
+}
 VARIANTS = {
     "anomalens (default)": {},
     "+ border pooling zero-padded (AvgPool2d(3,1,1))": {"zero_pad": True},
     "+ anomalib coreset (sparse JL projection, int size)": {"coreset": "anomalib"},
     "+ bank from all training images (no 10% hold-out)": {"holdout": False},
     "+ map upsampled nearest (anomalib) before the blur": {"upsample": "nearest"},
+    "  (anomalens, seed 1: another hold-out and coreset start)": {"seed": 1},
+    "  (anomalens, seed 2)": {"seed": 2},
     "all four switched (= anomalib)": {
         "zero_pad": True, "coreset": "anomalib", "holdout": False, "upsample": "nearest"
     },
@@ -288,29 +296,34 @@ def main() -> None:
         name: np.concatenate([model.predict_batch(d)[0] for d in batches(maps, feeder)])
         for name, maps in pc_tests.items()
     }
-    order = np.random.default_rng(SEED).permutation(len(train_u8))
-    learn = np.sort(order[max(1, round(len(train_u8) * 0.1)) :])
     banks: dict = {}
 
-    def bank_of(zero_pad: bool, holdout: bool, coreset: str) -> np.ndarray:
-        key = (zero_pad, holdout, coreset)
-        if key not in banks:
+    def bank_of(zero_pad: bool, holdout: bool, coreset: str, seed: int) -> np.ndarray:
+        key = (zero_pad, holdout, coreset, seed)
+        if key not in banks:  # the hold-out as Detector.fit draws it
+            order = np.random.default_rng(seed).permutation(len(train_u8))
+            learn = np.sort(order[max(1, round(len(train_u8) * 0.1)) :])
             keep = learn if holdout else np.arange(len(train_u8))
             full = flatten_patches(embed([m[keep] for m in pc_train], zero_pad))
-            if key == (True, False, "anomalib"):  # the very bank anomalib built: reuse its pick
+            if key == (
+                True,
+                False,
+                "anomalib",
+                SEED,
+            ):  # the very bank anomalib built: reuse its pick
                 report["bank_vs_anomalib_max_abs_diff"] = float((full - lib.full_bank).abs().max())
                 idx = lib.coreset_idx
             elif coreset == "anomalib":
                 idx = lib_coreset(full)
             else:
-                idx = greedy_coreset(full.numpy(), RATIO, 64, SEED)
+                idx = greedy_coreset(full.numpy(), RATIO, 64, seed)
             banks[key] = np.ascontiguousarray(full[idx].numpy())
         return banks[key]
 
     rows: dict = {}
     for label, change in VARIANTS.items():
         v = {**BASE, **change}
-        bank = bank_of(v["zero_pad"], v["holdout"], v["coreset"])
+        bank = bank_of(v["zero_pad"], v["holdout"], v["coreset"], v["seed"])
         rows[label] = {}
         for name, maps in pc_tests.items():
             _, labels, masks = sets[name]
