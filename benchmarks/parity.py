@@ -20,16 +20,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-
-os.environ.setdefault("TQDM_DISABLE", "1")  # anomalib's coreset progress bar
 import torch.nn.functional as F
 from anomalib.models.components import KCenterGreedy
+from anomalib.models.components.sampling import k_center_greedy
 from anomalib.models.image.padim.torch_model import PadimModel
 from anomalib.models.image.patchcore.torch_model import PatchcoreModel
 from scipy.stats import spearmanr
@@ -138,6 +136,7 @@ def embed(maps: list[torch.Tensor], zero_pad: bool) -> torch.Tensor:
 
 
 def lib_coreset(bank: torch.Tensor) -> list[int]:
+    k_center_greedy.tqdm = lambda steps, **_: steps  # no progress bar
     torch.manual_seed(SEED)
     np.random.seed(SEED)
     return KCenterGreedy(bank, RATIO).select_coreset_idxs()
