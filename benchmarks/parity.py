@@ -304,12 +304,8 @@ def main() -> None:
             learn = np.sort(order[max(1, round(len(train_u8) * 0.1)) :])
             keep = learn if holdout else np.arange(len(train_u8))
             full = flatten_patches(embed([m[keep] for m in pc_train], zero_pad))
-            if key == (
-                True,
-                False,
-                "anomalib",
-                SEED,
-            ):  # the very bank anomalib built: reuse its pick
+            reference = (True, False, "anomalib", SEED)
+            if key == reference:  # the very bank anomalib built: reuse its pick
                 report["bank_vs_anomalib_max_abs_diff"] = float((full - lib.full_bank).abs().max())
                 idx = lib.coreset_idx
             elif coreset == "anomalib":
