@@ -176,3 +176,16 @@ def test_evaluate_reports_all_metrics(fitted_patchcore, brick: Path) -> None:
         assert 0.0 <= metrics[key] <= 1.0
     assert metrics["pixel_auroc"] > 0.85
     assert metrics["n_images"] == 14 and metrics["predict_ms_per_image"] > 0
+
+
+def test_held_out_images_are_scored_without_their_own_patches() -> None:
+    # With the whole bank kept (ratio 1), an image scored against a bank holding its own patches
+    # would score exactly 0: the thresholds must come from leave-out scores instead.
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (48, 48, 3), dtype=np.uint8) for _ in range(6)]
+    model = anomalens.create("patchcore", image_size=32, coreset_ratio=1.0, validation_fraction=0.5)
+    model.fit(images)
+    assert model.n_validation_images_ == 3 and model.n_train_images_ == 6
+    assert model.image_threshold_ > 0 and model.pixel_threshold_ > 0
+    assert len(model.memory_bank_) == 6 * 4 * 4
+    assert model.decision_function(images[:2]).max() < 1e-3  # seen images: their own patches

@@ -116,24 +116,33 @@ class Detector:
         self.roi_ = None if roi is None else region_of_interest(roi)
         self._seed_everything()
         order = np.random.default_rng(self.seed).permutation(len(images))
-        held_out = max(1, round(len(images) * self.validation_fraction))
-        learn = [images[i] for i in sorted(order[held_out:])]
-        validation = [images[i] for i in sorted(order[:held_out])]
-        self._fit(learn)
-        scores, maps = self._score_all(validation, "thresholds")
+        held_out = sorted(order[: max(1, round(len(images) * self.validation_fraction))])
+        scores, maps = self._fit_and_score_held_out(images, held_out)
         self.image_threshold_ = threshold_at_fpr(scores, self.target_fpr)
         if self.produces_maps:
             pixels = np.concatenate([m.ravel() for m in maps])
             self.pixel_threshold_ = threshold_at_fpr(pixels, self.pixel_target_fpr)
         else:
             self.pixel_threshold_ = None
-        self.n_validation_images_ = len(validation)
+        self.n_validation_images_ = len(held_out)
         self.threshold_source_ = "normal"
+        return self
+
+    def _fit_and_score_held_out(
+        self, images: list[ImageLike], held_out: list[int]
+    ) -> tuple[np.ndarray, list[np.ndarray | None]]:
+        """Learn, and return the scores and maps of the `held_out` images (indices into `images`)
+        from a model that never saw them: learn from the others and score the held-out ones, then,
+        with `refit_on_all`, learn again from all images."""
+        skip = set(held_out)
+        learn = [image for i, image in enumerate(images) if i not in skip]
+        self._fit(learn)
+        result = self._score_all([images[i] for i in held_out], "thresholds")
         if self.refit_on_all:
             self._seed_everything()
             self._fit(images)
         self.n_train_images_ = len(images) if self.refit_on_all else len(learn)
-        return self
+        return result
 
     def calibrate(
         self,

@@ -75,21 +75,46 @@ class PatchCore(Detector):
 
     # ---- fit ---------------------------------------------------------------------------------
     def _fit(self, images: list[ImageLike]) -> None:
+        self._set_bank(*self._coreset(images))
+
+    def _fit_and_score_held_out(
+        self, images: list[ImageLike], held_out: list[int]
+    ) -> tuple[np.ndarray, list[np.ndarray | None]]:
+        """One feature pass and one coreset over all images; the held-out images are scored
+        against the bank without their own patches, as if never seen (leave-out), and the whole
+        bank is kept. Cheaper than learning twice, and nothing is held back from the model."""
+        bank, sources = self._coreset(images)
+        self._set_bank(bank[~np.isin(sources, held_out)])
+        result = self._score_all([images[i] for i in held_out], "thresholds")
+        self._set_bank(bank)
+        self.n_train_images_ = len(images)
+        return result
+
+    def _coreset(self, images: list[ImageLike]) -> tuple[np.ndarray, np.ndarray]:
+        """The coreset of all patches of `images` and, per coreset patch, its image's index."""
         if not 0 < self.coreset_ratio <= 1:
             raise ParameterError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
         check_resize(self.resize)
         self.backbone_ = create_backbone(self.backbone, self.layers, self.weights)
         self.layers = list(self.backbone_.layers)
-        parts = []
+        parts, sources, seen = [], [], 0
         with make_progress() as progress:
             task = progress.add_task("features", total=len(images), info="")
             for batch in self._batches(images):
-                parts.append(flatten_patches(self._patch_features(batch.pixels)).numpy())
-                progress.advance(task, len(batch.sizes))
-        bank = np.concatenate(parts)
+                patches = flatten_patches(self._patch_features(batch.pixels)).numpy()
+                count = len(batch.sizes)
+                sources.append(np.repeat(np.arange(seen, seen + count), len(patches) // count))
+                parts.append(patches)
+                seen += count
+                progress.advance(task, count)
+        bank, source = np.concatenate(parts), np.concatenate(sources)
         del parts
         if self.coreset_ratio < 1:
-            bank = bank[greedy_coreset(bank, self.coreset_ratio, self.projection_dim, self.seed)]
+            selected = greedy_coreset(bank, self.coreset_ratio, self.projection_dim, self.seed)
+            bank, source = bank[selected], source[selected]
+        return bank, source
+
+    def _set_bank(self, bank: np.ndarray) -> None:
         self.memory_bank_ = np.ascontiguousarray(bank)
         self.index_ = NearestNeighbors(self.memory_bank_)
 
@@ -134,8 +159,7 @@ class PatchCore(Detector):
 
     def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
         self.backbone_ = restore_backbone(self.backbone, self.layers, tensors)
-        self.memory_bank_ = np.ascontiguousarray(tensors["memory_bank"].numpy(), dtype=np.float32)
-        self.index_ = NearestNeighbors(self.memory_bank_)
+        self._set_bank(tensors["memory_bank"].numpy().astype(np.float32))
 
 
 def reweighting(test_patches: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
