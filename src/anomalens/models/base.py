@@ -205,7 +205,13 @@ class Detector:
                 batch_scores, batch_maps = self._score_batch(batch.pixels)
                 self._apply_roi(batch_scores, batch_maps, batch.boxes)
                 scores.append(batch_scores)
-                maps.extend(self._resize_maps(batch, batch_maps, full_size))
+                resized = self._resize_maps(batch, batch_maps, full_size)
+                if full_size and getattr(self, "roi_", None) is not None:
+                    # Resizing spreads the map a few pixels past the ROI's edge: zero it again.
+                    for m in resized:
+                        if m is not None:
+                            m[~stretch_mask(self.roi_, m.shape)] = 0.0
+                maps.extend(resized)
                 progress.advance(task, len(batch.sizes))
         return np.concatenate(scores).astype(np.float64), maps
 
