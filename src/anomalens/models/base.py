@@ -106,6 +106,7 @@ class Detector:
         learn = [images[i] for i in sorted(order[held_out:])]
         validation = [images[i] for i in sorted(order[:held_out])]
         self._fit(learn)
+        self.selection_ = None  # `auto_fit` sets it after this fit
         self.n_train_images_ = len(learn)
         scores, maps = self._score_all(validation, "thresholds")
         self.image_threshold_ = threshold_at_fpr(scores, self.target_fpr)
@@ -218,14 +219,18 @@ class Detector:
         return save_model(self, path)
 
     def fitted_config(self) -> dict[str, Any]:
-        """Fitted scalars saved in the model file's JSON config."""
-        return {
+        """Fitted scalars saved in the model file's JSON config (with `auto_fit`'s table of
+        candidates, `selection_`, when it chose this model)."""
+        config = {
             "image_threshold": self.image_threshold_,
             "pixel_threshold": self.pixel_threshold_,
             "n_train_images": self.n_train_images_,
             "n_validation_images": self.n_validation_images_,
             "threshold_source": self.threshold_source_,
         }
+        if getattr(self, "selection_", None) is not None:
+            config["selection"] = self.selection_
+        return config
 
     def restore(self, tensors: dict[str, torch.Tensor], fitted: dict[str, Any]) -> None:
         """Rebuild fitted state from a model file's tensors and fitted config."""
@@ -235,6 +240,8 @@ class Detector:
         self.n_train_images_ = int(fitted["n_train_images"])
         self.n_validation_images_ = int(fitted["n_validation_images"])
         self.threshold_source_ = str(fitted["threshold_source"])
+        if "selection" in fitted:
+            self.selection_ = fitted["selection"]
         self._restore(tensors)
 
     # ---- helpers ---------------------------------------------------------------------------
