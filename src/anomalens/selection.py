@@ -130,7 +130,7 @@ def auto_fit(
     started = time.perf_counter()
     arrays = [to_rgb_array(image) for image in images]
     if len(arrays) < 4:
-        raise DataError(f"--auto needs at least 4 normal images, got {len(arrays)}")
+        raise DataError(f"auto_fit needs at least 4 normal images, got {len(arrays)}")
     if candidates is None:
         candidates = default_candidates(any(a.shape[0] != a.shape[1] for a in arrays))
     if not candidates:
@@ -188,7 +188,7 @@ def auto_fit(
         if best is None or key < best:
             best = key
     if best is None:
-        raise AnomalensError("auto_fit: no candidate could be fitted; see the failures above")
+        raise AnomalensError(f"auto_fit: no candidate could be fitted ({rows[0]['status']})")
     winner = rows[best[2]]
     winner["chosen"] = True
     detector = create(winner["model"], **{"seed": seed, **winner["params"]})
