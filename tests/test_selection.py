@@ -17,7 +17,7 @@ from anomalens.cli import app, main
 from anomalens.data.cutpaste import SYNTHETIC_KINDS, synthetic_anomalies, synthetic_anomaly
 from anomalens.data.mvtec import training_images
 from anomalens.data.synthetic import normal_crop
-from anomalens.errors import ParameterError
+from anomalens.errors import AnomalensError, ParameterError
 from anomalens.selection import auto_fit, candidate
 
 BLIND = candidate("patchcore", image_size=32, coreset_ratio=1.0)
@@ -91,12 +91,17 @@ def test_auto_fit_picks_the_candidate_that_sees_thin_defects(chosen) -> None:
     assert detector.selection_["candidates"] is rows
 
 
-def test_auto_fit_skips_what_the_time_budget_cannot_take(brick: Path) -> None:
+def test_auto_fit_lists_failed_and_skipped_candidates(brick: Path) -> None:
     images = training_images(brick)[:8]
+    broken = candidate("patchcore", image_size=32, coreset_ratio=2.0)
     small = candidate("patchcore", image_size=32, coreset_ratio=1.0)
-    _, rows = auto_fit(images, [SHARP, small], time_budget_s=0.0, seed=0)
-    assert rows[0]["candidate"] == "patchcore 32" and rows[0]["chosen"]
-    assert rows[1]["status"].startswith("skipped") and rows[1]["score"] is None
+    _, rows = auto_fit(images, [broken, SHARP, small], time_budget_s=0.0, seed=0)
+    assert [row["candidate"] for row in rows] == ["patchcore 32", "patchcore 32", "patchcore 128"]
+    assert rows[0]["status"].startswith("failed: coreset_ratio must be in (0, 1]")
+    assert rows[1]["chosen"] and rows[1]["score"] is not None
+    assert rows[2]["status"].startswith("skipped") and rows[2]["score"] is None
+    with pytest.raises(AnomalensError, match="no candidate could be fitted"):
+        auto_fit(images, [broken], seed=0)
 
 
 def test_selection_is_saved_and_shown_by_info(chosen, tmp_path: Path) -> None:
