@@ -157,9 +157,9 @@ def _auto_fit(data: Path, output: Path, time_budget: float, seed: int) -> None:
 
 
 def _selection_table(selection: dict[str, Any]) -> Table:
-    table = Table(title=f"candidates (score: {selection['score']})")
+    table = Table(title="--auto candidates (score: mean of synthetic image and pixel AUROC)")
     table.add_column("candidate")
-    for header in ("synthetic image AUROC", "synthetic pixel AUROC", "score", "seconds"):
+    for header in ("synth. image AUROC", "synth. pixel AUROC", "score", "seconds"):
         table.add_column(header, justify="right")
     table.add_column("status")
     for row in selection["candidates"]:

@@ -166,7 +166,7 @@ def auto_fit(
             leader_cost = 0.0 if best is None else best[1]
             needed = rate * (item.cost + refit_factor * max(item.cost, leader_cost))
             if time.perf_counter() - started + needed > time_budget_s:
-                row["status"] = f"skipped: needs about {needed:.0f} s of the time budget"
+                row["status"] = f"skipped: needs about {needed:.0f} s"
                 continue
         run_started = time.perf_counter()
         try:
