@@ -73,6 +73,14 @@ def fit(
         str | None, typer.Option(help="Backbone weights: auto, random, or a local state-dict file.")
     ] = None,
     image_size: Annotated[int | None, typer.Option(help="Square input size in pixels.")] = None,
+    resize: Annotated[
+        str | None,
+        typer.Option(help="How images reach the model: squash, keep (aspect ratio) or letterbox."),
+    ] = None,
+    roi: Annotated[
+        Path | None,
+        typer.Option(help="Region-of-interest mask image (white = inspect), stored in the model."),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     param: Annotated[
         list[str] | None, typer.Option(help="Any detector parameter, KEY=VALUE (repeatable).")
@@ -118,6 +126,7 @@ def fit(
         ("backbone", backbone),
         ("weights", weights),
         ("image_size", image_size),
+        ("resize", resize),
         ("seed", seed),
     ):
         if value is not None:
@@ -130,7 +139,7 @@ def fit(
         model = f"{model} on {tile}-pixel tiles"
     images = training_images(data)
     console.print(f"fitting [bold]{model}[/] on {len(images)} normal images from {data}")
-    detector.fit(images)
+    detector.fit(images, roi=roi)
     detector.save(output)
     console.print(
         f"image threshold {detector.image_threshold_:.4g}, thresholds set on "

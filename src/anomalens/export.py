@@ -29,6 +29,7 @@ import torch
 from anomalens.errors import ExportError
 from anomalens.handcrafted import HandcraftedFeatures
 from anomalens.model_io import CONFIG_KEY, model_config
+from anomalens.preprocessing import KEEP_MULTIPLE, LETTERBOX_FILL
 
 FORMATS = ("onnx",)
 OPSET = 18
@@ -36,7 +37,16 @@ INPUT_NAME = "pixels"
 PREPROCESSING_KEY = "anomalens_preprocessing"
 
 
-def preprocessing_config(image_size: int) -> dict[str, Any]:
+RESIZE_TEXT = {
+    "squash": "bilinear, antialiased, to size x size (aspect ratio not kept)",
+    "keep": f"bilinear, antialiased, short side to size, both sides rounded to a multiple of "
+    f"{KEEP_MULTIPLE} (aspect ratio kept; the graph takes any such height and width)",
+    "letterbox": f"bilinear, antialiased, long side to size, centred on a size x size square "
+    f"filled with {LETTERBOX_FILL}",
+}
+
+
+def preprocessing_config(image_size: int, resize: str = "squash") -> dict[str, Any]:
     """What a caller must do to an image before the graph (stored in the ONNX metadata)."""
     return {
         "input": INPUT_NAME,
@@ -45,7 +55,8 @@ def preprocessing_config(image_size: int) -> dict[str, Any]:
         "channels": "RGB",
         "range": [0.0, 1.0],
         "size": [image_size, image_size],
-        "resize": "bilinear, antialiased, to a square (aspect ratio not kept)",
+        "resize_mode": resize,
+        "resize": RESIZE_TEXT[resize],
         "normalisation": "inside the graph",
     }
 
@@ -63,7 +74,11 @@ def export_onnx(detector: Any, path: str | Path, opset: int = OPSET) -> Path:
     size = detector.image_size
     example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     outputs = ["score", "anomaly_map"] if detector.produces_maps else ["score"]
-    batch = torch.export.Dim("batch", min=1, max=4096)
+    dims: dict[int, Any] = {0: torch.export.Dim("batch", min=1, max=4096)}
+    if detector.input_mode == "keep":
+        # Any height and width that are multiples of KEEP_MULTIPLE, as `keep` resizes to.
+        dims[2] = KEEP_MULTIPLE * torch.export.Dim("height_blocks", min=1, max=256)
+        dims[3] = KEEP_MULTIPLE * torch.export.Dim("width_blocks", min=1, max=256)
     try:
         # The exporter reports its steps on stdout and warns about internals: keep both quiet.
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
@@ -73,7 +88,7 @@ def export_onnx(detector: Any, path: str | Path, opset: int = OPSET) -> Path:
                 (example,),
                 input_names=[INPUT_NAME],
                 output_names=outputs,
-                dynamic_shapes=({0: batch},),
+                dynamic_shapes=(dims,),
                 opset_version=opset,
                 dynamo=True,
             )
@@ -82,7 +97,7 @@ def export_onnx(detector: Any, path: str | Path, opset: int = OPSET) -> Path:
         raise ExportError(f"exporting {detector.name} to ONNX failed: {first}") from error
     metadata = program.model.metadata_props
     metadata[CONFIG_KEY] = json.dumps(model_config(detector))
-    metadata[PREPROCESSING_KEY] = json.dumps(preprocessing_config(size))
+    metadata[PREPROCESSING_KEY] = json.dumps(preprocessing_config(size, detector.input_mode))
     program.model.doc_string = (
         f"anomalens {detector.name}: {INPUT_NAME} (B, 3, {size}, {size}) RGB in [0, 1] -> "
         + ", ".join(outputs)

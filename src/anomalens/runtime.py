@@ -80,6 +80,7 @@ class OnnxModel(Detector):
         self.threads = threads
         self.config = config
         self.name = config["model"]
+        self.resize = config["params"].get("resize", "squash")
         self.session_ = session
         self.input_name_ = session.get_inputs()[0].name
         self.produces_maps = len(session.get_outputs()) > 1

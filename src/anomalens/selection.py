@@ -78,7 +78,8 @@ def candidate(model: str, cost_factor: float = 1.0, **params: Any) -> Candidate:
 def default_candidates(non_square: bool = False) -> list[Candidate]:
     """The default grid: PatchCore and PaDiM on the offline backbones, input sizes 224/256/320,
     PatchCore also on the finer stride 4+8 layers, PaDiM also on the handcrafted features; with
-    `non_square` images, every resize mode the detectors offer."""
+    `non_square` images also PatchCore keeping the aspect ratio and PaDiM letterboxed (when the
+    detectors have the `resize` parameter)."""
     lite0, lite2 = "tf_efficientnet_lite0", "tf_efficientnet_lite2"
     grid = [
         candidate("patchcore", backbone=lite0, image_size=224),
@@ -101,11 +102,10 @@ def default_candidates(non_square: bool = False) -> list[Candidate]:
         for name in OFFLINE_WEIGHTS
         if name not in (lite0, lite2)
     ]
-    resize_param = "resize" in model_class("patchcore").param_names()
-    if non_square and resize_param:
+    if non_square and "resize" in model_class("patchcore").param_names():
         grid += [
-            candidate("patchcore", backbone=lite0, image_size=256, resize=mode)
-            for mode in ("keep", "letterbox")
+            candidate("patchcore", backbone=lite0, image_size=256, resize="keep"),
+            candidate("padim", backbone=lite0, image_size=256, resize="letterbox"),
         ]
     return grid
 

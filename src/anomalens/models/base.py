@@ -2,7 +2,8 @@
 
 Constructors only store parameters. `fit(images)` learns from normal images only: it holds out a
 seeded `validation_fraction` of them, learns from the rest, and sets the image and pixel thresholds
-at `target_fpr` / `pixel_target_fpr` on the held-out normal images the model never saw.
+at `target_fpr` / `pixel_target_fpr` on the held-out normal images the model never saw; methods
+with `refit_on_all` then learn again from all the images, keeping those thresholds.
 `predict(images)` returns one `Prediction` per image (higher score = more anomalous). `calibrate`
 optionally replaces both thresholds by F1-optimal ones from an explicit labelled set. Fitted state
 ends in `_`. Subclasses store their parameters with `self._store_params(locals())` and implement
@@ -15,13 +16,14 @@ from __future__ import annotations
 import inspect
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
 import numpy as np
 import torch
 
+from anomalens.data.io import decode_mask, encode_mask, region_of_interest, stretch_mask
 from anomalens.errors import DataError, ExportError, NotFittedError, ParameterError
 from anomalens.ops import resize_maps
 from anomalens.prediction import Prediction
@@ -39,6 +41,10 @@ class Detector:
 
     name: ClassVar[str]
     produces_maps: ClassVar[bool] = True
+    refit_on_all: ClassVar[bool] = False
+    """Refit on every image once the thresholds are set, so the held-out images do not cost
+    accuracy (methods whose fit is a single pass over the features; trained networks keep the
+    held-out split instead of doubling their training time)."""
 
     def __init__(
         self,
@@ -95,29 +101,49 @@ class Detector:
         return f"{type(self).__name__}({params})"
 
     # ---- learning -------------------------------------------------------------------------
-    def fit(self, images: Sequence[ImageLike]) -> Self:
-        """Learn from normal images only, then set thresholds on a held-out part of them."""
+    def fit(self, images: Sequence[ImageLike], *, roi: ImageLike | None = None) -> Self:
+        """Learn from normal images only, then set thresholds on a held-out part of them.
+
+        `roi`: a region-of-interest mask (path or array; white / nonzero = inspect), stretched to
+        each image. Maps are zeroed outside it and the image score becomes the map's maximum
+        inside it; it is stored in the model file. Only map-producing methods take one.
+        """
         images = list(images)
         if len(images) < 2:
             raise DataError(f"fit needs at least 2 normal images, got {len(images)}")
+        if roi is not None and not self.produces_maps:
+            raise ParameterError(f"{self.name} gives no anomaly map, so it cannot take an roi")
+        self.roi_ = None if roi is None else region_of_interest(roi)
         self._seed_everything()
         order = np.random.default_rng(self.seed).permutation(len(images))
-        held_out = max(1, round(len(images) * self.validation_fraction))
-        learn = [images[i] for i in sorted(order[held_out:])]
-        validation = [images[i] for i in sorted(order[:held_out])]
-        self._fit(learn)
+        held_out = sorted(order[: max(1, round(len(images) * self.validation_fraction))])
+        scores, maps = self._fit_and_score_held_out(images, held_out)
         self.selection_ = None  # `auto_fit` sets it after this fit
-        self.n_train_images_ = len(learn)
-        scores, maps = self._score_all(validation, "thresholds")
         self.image_threshold_ = threshold_at_fpr(scores, self.target_fpr)
         if self.produces_maps:
             pixels = np.concatenate([m.ravel() for m in maps])
             self.pixel_threshold_ = threshold_at_fpr(pixels, self.pixel_target_fpr)
         else:
             self.pixel_threshold_ = None
-        self.n_validation_images_ = len(validation)
+        self.n_validation_images_ = len(held_out)
         self.threshold_source_ = "normal"
         return self
+
+    def _fit_and_score_held_out(
+        self, images: list[ImageLike], held_out: list[int]
+    ) -> tuple[np.ndarray, list[np.ndarray | None]]:
+        """Learn, and return the scores and maps of the `held_out` images (indices into `images`)
+        from a model that never saw them: learn from the others and score the held-out ones, then,
+        with `refit_on_all`, learn again from all images."""
+        skip = set(held_out)
+        learn = [image for i, image in enumerate(images) if i not in skip]
+        self._fit(learn)
+        result = self._score_all([images[i] for i in held_out], "thresholds")
+        if self.refit_on_all:
+            self._seed_everything()
+            self._fit(images)
+        self.n_train_images_ = len(images) if self.refit_on_all else len(learn)
+        return result
 
     def calibrate(
         self,
@@ -161,7 +187,9 @@ class Detector:
         """Scores (B,) and maps (B, S, S) for an already resized (B, 3, S, S) tensor in [0, 1]."""
         self._check_fitted()
         with torch.inference_mode():
-            return self._score_batch(pixels)
+            scores, maps = self._score_batch(pixels)
+        self._apply_roi(scores, maps, [(0, 0, *pixels.shape[-2:])] * len(scores))
+        return scores, maps
 
     def _prediction(self, score: float, anomaly_map: np.ndarray | None) -> Prediction:
         mask = None if anomaly_map is None else anomaly_map > self.pixel_threshold_
@@ -174,24 +202,59 @@ class Detector:
         maps: list[np.ndarray | None] = []
         with make_progress() as progress, torch.inference_mode():
             task = progress.add_task(description, total=len(images), info="")
-            for batch in iter_batches(images, self.image_size, self.batch_size):
+            for batch in self._batches(images):
                 batch_scores, batch_maps = self._score_batch(batch.pixels)
+                self._apply_roi(batch_scores, batch_maps, batch.boxes)
                 scores.append(batch_scores)
                 maps.extend(self._resize_maps(batch, batch_maps, full_size))
                 progress.advance(task, len(batch.sizes))
         return np.concatenate(scores).astype(np.float64), maps
 
+    def _apply_roi(
+        self,
+        scores: np.ndarray,
+        maps: np.ndarray | None,
+        boxes: Sequence[tuple[int, int, int, int]],
+    ) -> None:
+        """Zero each map outside the region of interest and score the image by the map's maximum
+        inside it (in place)."""
+        if getattr(self, "roi_", None) is None or maps is None:
+            return
+        for i, (top, left, height, width) in enumerate(boxes):
+            inside = np.zeros(maps[i].shape, dtype=bool)
+            inside[top : top + height, left : left + width] = stretch_mask(
+                self.roi_, (height, width)
+            )
+            maps[i][~inside] = 0.0
+            scores[i] = maps[i].max()
+
+    def _batches(self, images: Sequence[ImageLike]) -> Iterator[Batch]:
+        """The images as model inputs, resized the way this model was fitted (`resize`)."""
+        return iter_batches(images, self.image_size, self.batch_size, self.input_mode)
+
+    @property
+    def input_mode(self) -> str:
+        """How images are resized for this model: its `resize` parameter, `squash` for methods
+        without one."""
+        return getattr(self, "resize", "squash")
+
     @staticmethod
     def _resize_maps(
         batch: Batch, maps: np.ndarray | None, full_size: bool
     ) -> list[np.ndarray | None]:
+        """Each map cut to the part of the input that holds the image (letterbox), and resized to
+        the image's own size when `full_size`."""
         if maps is None:
             return [None] * len(batch.sizes)
+        cropped = [
+            m[top : top + height, left : left + width]
+            for m, (top, left, height, width) in zip(maps, batch.boxes, strict=True)
+        ]
         if not full_size:
-            return list(maps)
+            return cropped
         return [
-            resize_maps(torch.from_numpy(m)[None, None], size)[0, 0].numpy()
-            for m, size in zip(maps, batch.sizes, strict=True)
+            resize_maps(torch.from_numpy(np.ascontiguousarray(m))[None, None], size)[0, 0].numpy()
+            for m, size in zip(cropped, batch.sizes, strict=True)
         ]
 
     # ---- export -----------------------------------------------------------------------------
@@ -227,6 +290,7 @@ class Detector:
             "n_train_images": self.n_train_images_,
             "n_validation_images": self.n_validation_images_,
             "threshold_source": self.threshold_source_,
+            "roi": None if getattr(self, "roi_", None) is None else encode_mask(self.roi_),
         }
         if getattr(self, "selection_", None) is not None:
             config["selection"] = self.selection_
@@ -240,6 +304,7 @@ class Detector:
         self.n_train_images_ = int(fitted["n_train_images"])
         self.n_validation_images_ = int(fitted["n_validation_images"])
         self.threshold_source_ = str(fitted["threshold_source"])
+        self.roi_ = None if fitted.get("roi") is None else decode_mask(fitted["roi"])
         if "selection" in fitted:
             self.selection_ = fitted["selection"]
         self._restore(tensors)

@@ -31,7 +31,7 @@ from anomalens.features import aggregate_patches, flatten_patches
 from anomalens.models.trained import TrainedDetector
 from anomalens.networks import load_module_tensors, module_tensors
 from anomalens.ops import anomaly_maps
-from anomalens.preprocessing import ImageLike, iter_batches
+from anomalens.preprocessing import ImageLike, check_resize
 from anomalens.progress import make_progress
 from anomalens.reconstruction import IMAGE_SCORES, check_choice, image_scores
 from anomalens.registry import register
@@ -86,6 +86,7 @@ class DFR(TrainedDetector):
         patience: int = 5,
         learning_rate: float = 1e-3,
         *,
+        resize: str = "squash",
         image_size: int = 256,
         target_fpr: float = 0.01,
         pixel_target_fpr: float = 0.001,
@@ -105,7 +106,7 @@ class DFR(TrainedDetector):
     @torch.inference_mode()
     def _vectors(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """(B, 3, S, S) in [0, 1] -> regional feature vectors (B * h * w, C) and (h, w)."""
-        features = aggregate_patches(self.backbone_(pixels))
+        features = aggregate_patches(self.backbone_(pixels), damp_border=False)
         return flatten_patches(features), tuple(features.shape[-2:])
 
     def _extract(self, images: list[ImageLike]) -> torch.Tensor:
@@ -113,7 +114,7 @@ class DFR(TrainedDetector):
         chunks = []
         with make_progress() as progress:
             task = progress.add_task("features", total=len(images), info="")
-            for batch in iter_batches(images, self.image_size, self.batch_size):
+            for batch in self._batches(images):
                 chunks.append(self._vectors(batch.pixels)[0].half())
                 progress.advance(task, len(batch.sizes))
         return torch.cat(chunks)
@@ -125,6 +126,7 @@ class DFR(TrainedDetector):
     def _fit(self, images: list[ImageLike]) -> None:
         self._start_training()
         check_choice("image_score", self.image_score, IMAGE_SCORES)
+        check_resize(self.resize)
         if not 0 < self.latent_variance <= 1:
             raise ParameterError(f"latent_variance must be in (0, 1], got {self.latent_variance}")
         if self.latent_channels is not None and int(self.latent_channels) < 1:
@@ -168,7 +170,7 @@ class DFR(TrainedDetector):
         vectors = self._standardise(vectors)
         errors = ((self.network_(vectors) - vectors) ** 2).mean(dim=1)
         errors = errors.view(-1, 1, height, width)
-        maps = anomaly_maps(errors, self.image_size, self.smoothing_sigma)
+        maps = anomaly_maps(errors, pixels.shape[-2:], self.smoothing_sigma)
         return image_scores(maps, self.image_score, self.top_k), maps
 
     # ---- persistence -------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from anomalens.backbones import (
 from anomalens.errors import ParameterError
 from anomalens.models.base import Detector
 from anomalens.ops import anomaly_maps
-from anomalens.preprocessing import ImageLike, iter_batches
+from anomalens.preprocessing import ImageLike, check_resize
 from anomalens.progress import make_progress
 from anomalens.registry import register
 
@@ -54,6 +54,7 @@ class PaDiM(Detector):
     """PaDiM: a Gaussian per patch position over multi-layer features; Mahalanobis distance map."""
 
     name = "padim"
+    refit_on_all = True
 
     def __init__(
         self,
@@ -65,6 +66,7 @@ class PaDiM(Detector):
         feature_stride: int | None = 8,
         smoothing_sigma: float = 4.0,
         *,
+        resize: str = "squash",
         image_size: int = 256,
         target_fpr: float = 0.01,
         pixel_target_fpr: float = 0.001,
@@ -116,6 +118,8 @@ class PaDiM(Detector):
     def _fit(self, images: list[ImageLike]) -> None:
         if self.n_features < 1 or self.epsilon < 0:
             raise ParameterError("PaDiM needs n_features >= 1 and epsilon >= 0")
+        # A Gaussian per grid position needs one grid: no `keep` (non-square inputs).
+        check_resize(self.resize, ("squash", "letterbox"))
         self._build_backbone()
         self._prepare(self._select_channels())
         # Sums of (embedding - shift) and of its outer products, with the first batch's mean as
@@ -123,7 +127,7 @@ class PaDiM(Detector):
         count, shift, total, scatter = 0, None, None, None
         with make_progress() as progress, torch.inference_mode():
             task = progress.add_task("features", total=len(images), info="")
-            for batch in iter_batches(images, self.image_size, self.batch_size):
+            for batch in self._batches(images):
                 embedding = self._embed(batch.pixels).transpose(0, 1).contiguous()  # (P, B, d)
                 if shift is None:
                     shift = embedding.mean(dim=1, keepdim=True)

@@ -34,7 +34,7 @@ from anomalens.features import aggregate_patches, flatten_patches
 from anomalens.models.base import Detector
 from anomalens.neighbors import NearestNeighbors, greedy_coreset, nearest_by_matmul
 from anomalens.ops import anomaly_maps
-from anomalens.preprocessing import ImageLike, iter_batches
+from anomalens.preprocessing import ImageLike, check_resize
 from anomalens.progress import make_progress
 from anomalens.registry import register
 
@@ -44,6 +44,7 @@ class PatchCore(Detector):
     """PatchCore: nearest-neighbour distance of patch features to a coreset memory bank."""
 
     name = "patchcore"
+    refit_on_all = True
 
     def __init__(
         self,
@@ -56,6 +57,7 @@ class PatchCore(Detector):
         reweight: bool = True,
         smoothing_sigma: float = 4.0,
         *,
+        resize: str = "squash",
         image_size: int = 256,
         target_fpr: float = 0.01,
         pixel_target_fpr: float = 0.001,
@@ -73,25 +75,46 @@ class PatchCore(Detector):
 
     # ---- fit ---------------------------------------------------------------------------------
     def _fit(self, images: list[ImageLike]) -> None:
+        self._set_bank(*self._coreset(images))
+
+    def _fit_and_score_held_out(
+        self, images: list[ImageLike], held_out: list[int]
+    ) -> tuple[np.ndarray, list[np.ndarray | None]]:
+        """One feature pass and one coreset over all images; the held-out images are scored
+        against the bank without their own patches, as if never seen (leave-out), and the whole
+        bank is kept. Cheaper than learning twice, and nothing is held back from the model."""
+        bank, sources = self._coreset(images)
+        self._set_bank(bank[~np.isin(sources, held_out)])
+        result = self._score_all([images[i] for i in held_out], "thresholds")
+        self._set_bank(bank)
+        self.n_train_images_ = len(images)
+        return result
+
+    def _coreset(self, images: list[ImageLike]) -> tuple[np.ndarray, np.ndarray]:
+        """The coreset of all patches of `images` and, per coreset patch, its image's index."""
         if not 0 < self.coreset_ratio <= 1:
             raise ParameterError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+        check_resize(self.resize)
         self.backbone_ = create_backbone(self.backbone, self.layers, self.weights)
         self.layers = list(self.backbone_.layers)
-        bank: np.ndarray | None = None
+        parts, sources, seen = [], [], 0
         with make_progress() as progress:
             task = progress.add_task("features", total=len(images), info="")
-            start = 0
-            for batch in iter_batches(images, self.image_size, self.batch_size):
+            for batch in self._batches(images):
                 patches = flatten_patches(self._patch_features(batch.pixels)).numpy()
-                if bank is None:
-                    per_image = patches.shape[0] // len(batch.sizes)
-                    bank = np.empty((per_image * len(images), patches.shape[1]), np.float32)
-                bank[start : start + patches.shape[0]] = patches
-                start += patches.shape[0]
-                progress.advance(task, len(batch.sizes))
-        assert bank is not None
+                count = len(batch.sizes)
+                sources.append(np.repeat(np.arange(seen, seen + count), len(patches) // count))
+                parts.append(patches)
+                seen += count
+                progress.advance(task, count)
+        bank, source = np.concatenate(parts), np.concatenate(sources)
+        del parts
         if self.coreset_ratio < 1:
-            bank = bank[greedy_coreset(bank, self.coreset_ratio, self.projection_dim, self.seed)]
+            selected = greedy_coreset(bank, self.coreset_ratio, self.projection_dim, self.seed)
+            bank, source = bank[selected], source[selected]
+        return bank, source
+
+    def _set_bank(self, bank: np.ndarray) -> None:
         self.memory_bank_ = np.ascontiguousarray(bank)
         self.index_ = NearestNeighbors(self.memory_bank_)
 
@@ -112,7 +135,7 @@ class PatchCore(Detector):
                 nearest[:, 0].reshape(count, -1)[np.arange(count), best],
             )
         maps = torch.from_numpy(patch_scores.reshape(count, 1, height, width))
-        return scores, anomaly_maps(maps, self.image_size, self.smoothing_sigma).numpy()
+        return scores, anomaly_maps(maps, pixels.shape[-2:], self.smoothing_sigma).numpy()
 
     def _reweighting(self, test_patches: np.ndarray, bank_indices: np.ndarray) -> np.ndarray:
         """Eq. 7 weights of the test patches whose nearest bank patches are `bank_indices`."""
@@ -136,8 +159,7 @@ class PatchCore(Detector):
 
     def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
         self.backbone_ = restore_backbone(self.backbone, self.layers, tensors)
-        self.memory_bank_ = np.ascontiguousarray(tensors["memory_bank"].numpy(), dtype=np.float32)
-        self.index_ = NearestNeighbors(self.memory_bank_)
+        self._set_bank(tensors["memory_bank"].numpy().astype(np.float32))
 
 
 def reweighting(test_patches: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
@@ -159,7 +181,6 @@ class PatchCoreGraph(nn.Module):
     def __init__(self, model: PatchCore) -> None:
         super().__init__()
         self.backbone = model.backbone_
-        self.image_size = model.image_size
         self.sigma = model.smoothing_sigma
         bank = torch.from_numpy(model.memory_bank_.copy())
         self.register_buffer("bank", bank)
@@ -184,5 +205,6 @@ class PatchCoreGraph(nn.Module):
             rows = torch.arange(count)
             support = self.bank[self.support[nearest[rows, best]]]
             scores = scores * reweighting(patches[rows, best], support)
-        maps = anomaly_maps(distances.reshape(count, 1, height, width), self.image_size, self.sigma)
+        maps = distances.reshape(count, 1, height, width)
+        maps = anomaly_maps(maps, pixels.shape[-2:], self.sigma)
         return scores, maps
