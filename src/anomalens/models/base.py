@@ -118,6 +118,7 @@ class Detector:
         order = np.random.default_rng(self.seed).permutation(len(images))
         held_out = sorted(order[: max(1, round(len(images) * self.validation_fraction))])
         scores, maps = self._fit_and_score_held_out(images, held_out)
+        self.selection_ = None  # `auto_fit` sets it after this fit
         self.image_threshold_ = threshold_at_fpr(scores, self.target_fpr)
         if self.produces_maps:
             pixels = np.concatenate([m.ravel() for m in maps])
@@ -287,8 +288,9 @@ class Detector:
         return save_model(self, path)
 
     def fitted_config(self) -> dict[str, Any]:
-        """Fitted scalars saved in the model file's JSON config."""
-        return {
+        """Fitted scalars saved in the model file's JSON config (with `auto_fit`'s table of
+        candidates, `selection_`, when it chose this model)."""
+        config = {
             "image_threshold": self.image_threshold_,
             "pixel_threshold": self.pixel_threshold_,
             "n_train_images": self.n_train_images_,
@@ -296,6 +298,9 @@ class Detector:
             "threshold_source": self.threshold_source_,
             "roi": None if getattr(self, "roi_", None) is None else encode_mask(self.roi_),
         }
+        if getattr(self, "selection_", None) is not None:
+            config["selection"] = self.selection_
+        return config
 
     def restore(self, tensors: dict[str, torch.Tensor], fitted: dict[str, Any]) -> None:
         """Rebuild fitted state from a model file's tensors and fitted config."""
@@ -306,6 +311,8 @@ class Detector:
         self.n_validation_images_ = int(fitted["n_validation_images"])
         self.threshold_source_ = str(fitted["threshold_source"])
         self.roi_ = None if fitted.get("roi") is None else decode_mask(fitted["roi"])
+        if "selection" in fitted:
+            self.selection_ = fitted["selection"]
         self._restore(tensors)
 
     # ---- helpers ---------------------------------------------------------------------------
