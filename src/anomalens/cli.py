@@ -30,6 +30,7 @@ from anomalens.evaluation.benchmark import DEFAULT_MODELS, parse_models, run_ben
 from anomalens.evaluation.evaluator import Evaluation
 from anomalens.evaluation.evaluator import evaluate as evaluate_model
 from anomalens.evaluation.report import write_page
+from anomalens.evaluation.selection import auto_fit
 from anomalens.evaluation.viz import ResultRow, overlay, save_png, write_results_page
 from anomalens.models.tiled import tiled
 
@@ -72,13 +73,21 @@ def fit(
         Path, typer.Option("--output", "-o", help="Model file to write (.safetensors).")
     ],
     model: Annotated[
-        str, typer.Option(help="Detector name; see `anomalens models`.")
-    ] = "patchcore",
+        str | None, typer.Option(help="Detector name; see `anomalens models`. [default: patchcore]")
+    ] = None,
     backbone: Annotated[str | None, typer.Option(help="timm backbone name.")] = None,
     weights: Annotated[
         str | None, typer.Option(help="Backbone weights: auto, random, or a local state-dict file.")
     ] = None,
     image_size: Annotated[int | None, typer.Option(help="Square input size in pixels.")] = None,
+    resize: Annotated[
+        str | None,
+        typer.Option(help="How images reach the model: squash, keep (aspect ratio) or letterbox."),
+    ] = None,
+    roi: Annotated[
+        Path | None,
+        typer.Option(help="Region-of-interest mask image (white = inspect), stored in the model."),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     param: Annotated[
         list[str] | None, typer.Option(help="Any detector parameter, KEY=VALUE (repeatable).")
@@ -91,13 +100,40 @@ def fit(
     tile_stitch: Annotated[
         str, typer.Option(help="Combine overlapping tile maps by max or mean.")
     ] = "max",
+    auto: Annotated[
+        bool,
+        typer.Option(
+            "--auto",
+            help="Choose method, backbone, layers, input size and resize mode by how well each "
+            "candidate finds synthetic anomalies in held-out normal images.",
+        ),
+    ] = False,
+    time_budget: Annotated[
+        float, typer.Option(help="With --auto: seconds for the whole search and final fit.")
+    ] = 600.0,
 ) -> None:
     """Fit a detector on normal images and save it."""
+    if auto:
+        given = {
+            "--model": model,
+            "--backbone": backbone,
+            "--weights": weights,
+            "--image-size": image_size,
+            "--param": param,
+            "--tile": tile,
+        }
+        clash = next((option for option, value in given.items() if value), None)
+        if clash:
+            raise AnomalensError(f"--auto chooses the detector and its settings; leave out {clash}")
+        _auto_fit(data, output, time_budget, 0 if seed is None else seed)
+        return
+    model = model or "patchcore"
     params = _parse_params(param or [])
     for key, value in (
         ("backbone", backbone),
         ("weights", weights),
         ("image_size", image_size),
+        ("resize", resize),
         ("seed", seed),
     ):
         if value is not None:
@@ -110,12 +146,44 @@ def fit(
         model = f"{model} on {tile}-pixel tiles"
     images = training_images(data)
     console.print(f"fitting [bold]{model}[/] on {len(images)} normal images from {data}")
-    detector.fit(images)
+    detector.fit(images, roi=roi)
     detector.save(output)
     console.print(
         f"image threshold {detector.image_threshold_:.4g}, thresholds set on "
         f"{detector.n_validation_images_} held-out normal images; saved {output}"
     )
+
+
+def _auto_fit(data: Path, output: Path, time_budget: float, seed: int) -> None:
+
+    images = training_images(data)
+    console.print(
+        f"choosing a detector for {len(images)} normal images from {data} "
+        f"(time budget {time_budget:.0f} s)"
+    )
+    detector, _ = auto_fit(images, time_budget_s=time_budget, seed=seed)
+    console.print(_selection_table(detector.selection_))
+    detector.save(output)
+    selection = detector.selection_
+    console.print(
+        f"chose [bold]{selection['chosen']}[/] in {selection['seconds']:.0f} s; "
+        f"image threshold {detector.image_threshold_:.4g}; saved {output}"
+    )
+
+
+def _selection_table(selection: dict[str, Any]) -> Table:
+    table = Table(title="--auto candidates (score: mean of synthetic image and pixel AUROC)")
+    table.add_column("candidate")
+    for header in ("synth. image AUROC", "synth. pixel AUROC", "score", "seconds"):
+        table.add_column(header, justify="right")
+    table.add_column("status")
+    for row in selection["candidates"]:
+        values = [row[key] for key in ("synthetic_image_auroc", "synthetic_pixel_auroc", "score")]
+        cells = ["n/a" if v is None else f"{v:.3f}" for v in values]
+        cells.append("" if row["seconds"] is None else f"{row['seconds']:.1f}")
+        status = "chosen" if row["chosen"] else row["status"]
+        table.add_row(row["candidate"], *cells, status, style="bold" if row["chosen"] else None)
+    return table
 
 
 def _expand_inputs(inputs: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -377,7 +445,12 @@ def serve(
 @app.command()
 def info(model_file: Annotated[Path, typer.Argument(metavar="MODEL")]) -> None:
     """Print a model file's (or ONNX export's) configuration: model, parameters, thresholds."""
-    console.print_json(json.dumps(read_config(model_file)))
+    config = read_config(model_file)
+    console.print_json(json.dumps(config))
+    selection = config["fitted"].get("selection")
+    if selection:
+        console.print(_selection_table(selection))
+        console.print(f"chosen by --auto: [bold]{selection['chosen']}[/]")
 
 
 @app.command()

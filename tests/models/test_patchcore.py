@@ -54,12 +54,13 @@ def test_detects_and_localises_synthetic_defects(fitted_patchcore, brick: Path) 
     assert peaks_inside >= 0.75 * sum(labels)
 
 
-def test_thresholds_come_from_held_out_normal_images(fitted_patchcore) -> None:
+def test_thresholds_come_from_held_out_images_then_the_bank_uses_all(fitted_patchcore) -> None:
     model = fitted_patchcore
     assert model.threshold_source_ == "normal"
-    assert model.n_validation_images_ == 2 and model.n_train_images_ == 14
+    # Thresholds from 2 held-out images; then the bank is rebuilt from all 16 (refit_on_all).
+    assert model.n_validation_images_ == 2 and model.n_train_images_ == 16
     assert np.isfinite(model.image_threshold_) and np.isfinite(model.pixel_threshold_)
-    assert model.memory_bank_.shape[0] == round(14 * 16 * 16 * 0.25)
+    assert model.memory_bank_.shape[0] == round(16 * 16 * 16 * 0.25)
 
 
 def test_maps_follow_the_input_image_size(fitted_patchcore, brick: Path) -> None:
@@ -140,3 +141,16 @@ def test_evaluate_reports_all_metrics(fitted_patchcore, brick: Path) -> None:
         assert 0.0 <= metrics[key] <= 1.0
     assert metrics["pixel_auroc"] > 0.85
     assert metrics["n_images"] == 14 and metrics["predict_ms_per_image"] > 0
+
+
+def test_held_out_images_are_scored_without_their_own_patches() -> None:
+    # With the whole bank kept (ratio 1), an image scored against a bank holding its own patches
+    # would score exactly 0: the thresholds must come from leave-out scores instead.
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (48, 48, 3), dtype=np.uint8) for _ in range(6)]
+    model = anomalens.create("patchcore", image_size=32, coreset_ratio=1.0, validation_fraction=0.5)
+    model.fit(images)
+    assert model.n_validation_images_ == 3 and model.n_train_images_ == 6
+    assert model.image_threshold_ > 0 and model.pixel_threshold_ > 0
+    assert len(model.memory_bank_) == 6 * 4 * 4
+    assert model.decision_function(images[:2]).max() < 1e-3  # seen images: their own patches

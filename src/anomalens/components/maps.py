@@ -54,7 +54,11 @@ def resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
 
 
-def anomaly_maps(scores: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
-    """(B, 1, h, w) coarse anomaly scores -> (B, size, size) maps: bilinear upsampling, then
-    Gaussian smoothing (the post-processing of PatchCore, PaDiM and the reconstruction methods)."""
-    return gaussian_blur(resize_maps(scores, (size, size)), sigma)[:, 0]
+def anomaly_maps(
+    scores: torch.Tensor, size: int | tuple[int, int] | torch.Size, sigma: float
+) -> torch.Tensor:
+    """(B, 1, h, w) coarse anomaly scores -> (B, H, W) maps at `size` (H, W), or size x size:
+    bilinear upsampling, then Gaussian smoothing (the post-processing of PatchCore, PaDiM and the
+    reconstruction methods)."""
+    shape = (size, size) if isinstance(size, int) else tuple(size)
+    return gaussian_blur(resize_maps(scores, shape), sigma)[:, 0]

@@ -2,7 +2,8 @@
 
 Constructors only store parameters. `fit(images)` learns from normal images only: it holds out a
 seeded `validation_fraction` of them, learns from the rest, and sets the image and pixel thresholds
-at `target_fpr` / `pixel_target_fpr` on the held-out normal images the model never saw.
+at `target_fpr` / `pixel_target_fpr` on the held-out normal images the model never saw; methods
+with `refit_on_all` then learn again from all the images, keeping those thresholds.
 `predict(images)` returns one `Prediction` per image (higher score = more anomalous). `calibrate`
 optionally replaces both thresholds by F1-optimal ones from an explicit labelled set. Fitted state
 ends in `_`. Subclasses store their parameters with `self._store_params(locals())` and implement
@@ -25,6 +26,7 @@ import torch
 from anomalens.core.model_file import model_config, write_model_file
 from anomalens.core.scorer import Scorer
 from anomalens.core.thresholds import threshold_at_fpr
+from anomalens.data.io import region_of_interest, stretch_mask
 from anomalens.data.preprocessing import ImageLike
 from anomalens.errors import DataError, ExportError, ParameterError
 
@@ -38,6 +40,10 @@ class Detector(Scorer):
     """Fitted JSON values (such as `layers_`, the layers a `layers=None` resolved to) that the
     model file's fitted config keeps, under the name without `_`. A version-1 file has none:
     its fit wrote them into the parameter of the same name, which is used instead."""
+    refit_on_all: ClassVar[bool] = False
+    """Refit on every image once the thresholds are set, so the held-out images do not cost
+    accuracy (methods whose fit is a single pass over the features; trained networks keep the
+    held-out split instead of doubling their training time)."""
 
     def __init__(
         self,
@@ -100,28 +106,51 @@ class Detector(Scorer):
         return f"{type(self).__name__}({params})"
 
     # ---- learning -------------------------------------------------------------------------
-    def fit(self, images: Sequence[ImageLike]) -> Self:
-        """Learn from normal images only, then set thresholds on a held-out part of them."""
+    def fit(self, images: Sequence[ImageLike], *, roi: ImageLike | None = None) -> Self:
+        """Learn from normal images only, then set thresholds on a held-out part of them.
+
+        `roi`: a region-of-interest mask (path or array; white / nonzero = inspect), stretched to
+        each image. Maps are zeroed outside it and the image score becomes the map's maximum
+        inside it; it is stored in the model file. Only map-producing methods take one.
+        """
         images = list(images)
         if len(images) < 2:
             raise DataError(f"fit needs at least 2 normal images, got {len(images)}")
+        if roi is not None and not self.produces_maps:
+            raise ParameterError(f"{self.name} gives no anomaly map, so it cannot take an roi")
+        self.roi_ = None if roi is None else region_of_interest(roi)
         self._seed_everything()
         order = np.random.default_rng(self.seed).permutation(len(images))
-        held_out = max(1, round(len(images) * self.validation_fraction))
-        learn = [images[i] for i in sorted(order[held_out:])]
-        validation = [images[i] for i in sorted(order[:held_out])]
-        self._fit(learn)
-        self.n_train_images_ = len(learn)
-        scores, maps = self._score_all(validation, "thresholds")
+        held_out = sorted(order[: max(1, round(len(images) * self.validation_fraction))])
+        scores, maps = self._fit_and_score_held_out(images, held_out)
+        self.selection_ = None  # `auto_fit` sets it after this fit
         self.image_threshold_ = threshold_at_fpr(scores, self.target_fpr)
         if self.produces_maps:
-            pixels = np.concatenate([m.ravel() for m in maps])
+            # With a region of interest, the pixels inside it only (outside, maps are zero).
+            inside = [m if self.roi_ is None else m[stretch_mask(self.roi_, m.shape)] for m in maps]
+            pixels = np.concatenate([m.ravel() for m in inside])
             self.pixel_threshold_ = threshold_at_fpr(pixels, self.pixel_target_fpr)
         else:
             self.pixel_threshold_ = None
-        self.n_validation_images_ = len(validation)
+        self.n_validation_images_ = len(held_out)
         self.threshold_source_ = "normal"
         return self
+
+    def _fit_and_score_held_out(
+        self, images: list[ImageLike], held_out: list[int]
+    ) -> tuple[np.ndarray, list[np.ndarray | None]]:
+        """Learn, and return the scores and maps of the `held_out` images (indices into `images`)
+        from a model that never saw them: learn from the others and score the held-out ones, then,
+        with `refit_on_all`, learn again from all images."""
+        skip = set(held_out)
+        learn = [image for i, image in enumerate(images) if i not in skip]
+        self._fit(learn)
+        result = self._score_all([images[i] for i in held_out], "thresholds")
+        if self.refit_on_all:
+            self._seed_everything()
+            self._fit(images)
+        self.n_train_images_ = len(images) if self.refit_on_all else len(learn)
+        return result
 
     # ---- export -----------------------------------------------------------------------------
     def export_module(self) -> torch.nn.Module:
@@ -151,8 +180,12 @@ class Detector(Scorer):
         return model_config(self.name, self.get_params(), self.fitted_config())
 
     def fitted_config(self) -> dict[str, Any]:
-        """Fitted scalars saved in the model file's JSON config."""
-        return {**self.threshold_config(), **self._fitted_fields()}
+        """Fitted scalars saved in the model file's JSON config (with `auto_fit`'s table of
+        candidates, `selection_`, when it chose this model)."""
+        config = {**self.threshold_config(), **self._fitted_fields()}
+        if getattr(self, "selection_", None) is not None:
+            config["selection"] = self.selection_
+        return config
 
     def _fitted_fields(self) -> dict[str, Any]:
         return {field[:-1]: _json_ready(getattr(self, field)) for field in self.fitted_fields}
@@ -161,6 +194,8 @@ class Detector(Scorer):
         """Rebuild fitted state from a model file's tensors and fitted config."""
         self.restore_thresholds(fitted)
         self._restore_fields(fitted)
+        if "selection" in fitted:
+            self.selection_ = fitted["selection"]
         self._restore(tensors)
 
     def _restore_fields(self, fitted: dict[str, Any]) -> None:

@@ -9,7 +9,7 @@ and masks come from the same thresholds. A scorer implements `_score_batch` and 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Self
 
 import numpy as np
@@ -18,6 +18,7 @@ import torch
 from anomalens.components.maps import resize_maps
 from anomalens.core.prediction import Prediction
 from anomalens.core.thresholds import f1_optimal_threshold, pixel_f1_optimal_threshold
+from anomalens.data.io import decode_mask, encode_mask, stretch_mask
 from anomalens.data.preprocessing import Batch, ImageLike, iter_batches
 from anomalens.errors import DataError, NotFittedError
 
@@ -30,6 +31,8 @@ class Scorer:
     produces_maps: bool
     image_size: int
     batch_size: int
+    roi_: np.ndarray | None = None
+    """Region of interest (bool HxW, stretched to each image), or None: see `Detector.fit`."""
 
     # ---- thresholds ------------------------------------------------------------------------
     def calibrate(
@@ -66,6 +69,7 @@ class Scorer:
             "n_train_images": self.n_train_images_,
             "n_validation_images": self.n_validation_images_,
             "threshold_source": self.threshold_source_,
+            "roi": None if self.roi_ is None else encode_mask(self.roi_),
         }
 
     def restore_thresholds(self, fitted: dict[str, Any]) -> None:
@@ -76,6 +80,7 @@ class Scorer:
         self.n_train_images_ = int(fitted["n_train_images"])
         self.n_validation_images_ = int(fitted["n_validation_images"])
         self.threshold_source_ = str(fitted["threshold_source"])
+        self.roi_ = None if fitted.get("roi") is None else decode_mask(fitted["roi"])
 
     # ---- inference -------------------------------------------------------------------------
     def predict(self, images: Sequence[ImageLike]) -> list[Prediction]:
@@ -93,7 +98,9 @@ class Scorer:
         """Scores (B,) and maps (B, S, S) for an already resized (B, 3, S, S) tensor in [0, 1]."""
         self._check_fitted()
         with torch.inference_mode():
-            return self._score_batch(pixels)
+            scores, maps = self._score_batch(pixels)
+        self._apply_roi(scores, maps, [(0, 0, *pixels.shape[-2:])] * len(scores))
+        return scores, maps
 
     def _prediction(self, score: float, anomaly_map: np.ndarray | None) -> Prediction:
         mask = None if anomaly_map is None else anomaly_map > self.pixel_threshold_
@@ -105,23 +112,64 @@ class Scorer:
         scores: list[np.ndarray] = []
         maps: list[np.ndarray | None] = []
         with torch.inference_mode():
-            for batch in iter_batches(images, self.image_size, self.batch_size, description):
+            for batch in self._batches(images, description):
                 batch_scores, batch_maps = self._score_batch(batch.pixels)
+                self._apply_roi(batch_scores, batch_maps, batch.boxes)
                 scores.append(batch_scores)
-                maps.extend(self._resize_maps(batch, batch_maps, full_size))
+                resized = self._resize_maps(batch, batch_maps, full_size)
+                if full_size and self.roi_ is not None:
+                    # Resizing spreads the map a few pixels past the ROI's edge: zero it again.
+                    for m in resized:
+                        if m is not None:
+                            m[~stretch_mask(self.roi_, m.shape)] = 0.0
+                maps.extend(resized)
         return np.concatenate(scores).astype(np.float64), maps
+
+    def _batches(self, images: Sequence[ImageLike], progress: str | None = None) -> Iterator[Batch]:
+        """The images as model inputs, resized the way this model was fitted (`resize`)."""
+        return iter_batches(images, self.image_size, self.batch_size, progress, self.input_mode)
+
+    @property
+    def input_mode(self) -> str:
+        """How images are resized for this model: its `resize` parameter, `squash` for methods
+        without one."""
+        return getattr(self, "resize", "squash")
+
+    def _apply_roi(
+        self,
+        scores: np.ndarray,
+        maps: np.ndarray | Sequence[np.ndarray] | None,
+        boxes: Sequence[tuple[int, int, int, int]],
+    ) -> None:
+        """Zero each map outside the region of interest and score the image by the map's maximum
+        inside it (in place)."""
+        if self.roi_ is None or maps is None:
+            return
+        for i, (top, left, height, width) in enumerate(boxes):
+            inside = np.zeros(maps[i].shape, dtype=bool)
+            inside[top : top + height, left : left + width] = stretch_mask(
+                self.roi_, (height, width)
+            )
+            maps[i][~inside] = 0.0
+            scores[i] = maps[i].max()
 
     @staticmethod
     def _resize_maps(
         batch: Batch, maps: np.ndarray | None, full_size: bool
     ) -> list[np.ndarray | None]:
+        """Each map cut to the part of the input that holds the image (letterbox), and resized to
+        the image's own size when `full_size`."""
         if maps is None:
             return [None] * len(batch.sizes)
+        cropped = [
+            m[top : top + height, left : left + width]
+            for m, (top, left, height, width) in zip(maps, batch.boxes, strict=True)
+        ]
         if not full_size:
-            return list(maps)
+            return cropped
         return [
-            resize_maps(torch.from_numpy(m)[None, None], size)[0, 0].numpy()
-            for m, size in zip(maps, batch.sizes, strict=True)
+            resize_maps(torch.from_numpy(np.ascontiguousarray(m))[None, None], size)[0, 0].numpy()
+            for m, size in zip(cropped, batch.sizes, strict=True)
         ]
 
     def _check_fitted(self) -> None:

@@ -7,6 +7,7 @@ always read as black whatever colour they happen to store.
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import warnings
@@ -200,3 +201,44 @@ def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
         alpha = out[:, :, 3:].astype(np.uint16)
         out = ((out[:, :, :3].astype(np.uint16) * alpha + 127) // 255).astype(np.uint8)
     return np.ascontiguousarray(out)
+
+
+def region_of_interest(roi: str | os.PathLike[str] | np.ndarray | Image.Image) -> np.ndarray:
+    """A region-of-interest mask (a mask file, a PIL image or an array; nonzero = inspect) as an
+    ``HxW`` bool array; an empty region is an error."""
+    if isinstance(roi, str | os.PathLike):
+        mask = load_mask(roi)
+    elif isinstance(roi, Image.Image):
+        mask = _pil_to_mask(roi)
+    else:
+        mask = np.asarray(roi)
+        mask = (mask.any(axis=-1) if mask.ndim == 3 else mask) != 0
+    if mask.ndim != 2 or not mask.any():
+        raise DataError(f"the region of interest must be a non-empty 2-D mask, got {mask.shape}")
+    return mask
+
+
+def stretch_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A bool mask resized to `shape` (H, W) by nearest-neighbour sampling."""
+    height, width = shape
+    if mask.shape == (height, width):
+        return mask
+    rows = np.minimum(
+        ((np.arange(height) + 0.5) * mask.shape[0] / height).astype(int), mask.shape[0] - 1
+    )
+    cols = np.minimum(
+        ((np.arange(width) + 0.5) * mask.shape[1] / width).astype(int), mask.shape[1] - 1
+    )
+    return mask[rows][:, cols]
+
+
+def encode_mask(mask: np.ndarray) -> str:
+    """A bool mask as base64 PNG text (to keep it in a JSON config)."""
+    buffer = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * 255).save(buffer, format="PNG", optimize=True)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def decode_mask(text: str) -> np.ndarray:
+    """The bool mask of `encode_mask`'s text."""
+    return _read(io.BytesIO(base64.b64decode(text)), _pil_to_mask, name="stored mask")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from anomalens.data.io import _image_files, list_images, load_mask
+from anomalens.data.io import _image_files, list_images, load_mask, stretch_mask
 from anomalens.errors import DataError
 
 GOOD = "good"
@@ -82,9 +82,4 @@ def load_sample_mask(sample: Sample, shape: tuple[int, int]) -> np.ndarray | Non
         return np.zeros((height, width), dtype=bool)
     if sample.mask_path is None:
         return None
-    mask = load_mask(sample.mask_path)
-    if mask.shape != (height, width):
-        rows = ((np.arange(height) + 0.5) * mask.shape[0] / height).astype(int)
-        cols = ((np.arange(width) + 0.5) * mask.shape[1] / width).astype(int)
-        mask = mask[np.minimum(rows, mask.shape[0] - 1)][:, np.minimum(cols, mask.shape[1] - 1)]
-    return mask
+    return stretch_mask(load_mask(sample.mask_path), (height, width))

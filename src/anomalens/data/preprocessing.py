@@ -12,53 +12,119 @@ import torch
 import torch.nn.functional as F
 
 from anomalens.data.io import to_rgb_array
+from anomalens.errors import ParameterError
 from anomalens.progress import make_progress
 
 ImageLike = str | PathLike | np.ndarray | Any
 """A path to an image file, a PIL image, or a uint8/uint16/float/bool array (HxW or HxWxC)."""
 
 
+RESIZE_MODES = ("squash", "keep", "letterbox")
+"""How an image reaches the model: `squash` to size x size (aspect ratio not kept), `keep` (short
+side to size, the aspect ratio kept, a non-square input), `letterbox` (long side to size, padded
+to a square with mid-grey, which the network's own normalisation maps to zero)."""
+
+KEEP_MULTIPLE = 32
+"""`keep` rounds both sides to a multiple of the deepest backbone stride, so every feature map
+covers the image exactly."""
+
+LETTERBOX_FILL = 0.5
+
+
 @dataclass(frozen=True)
 class Batch:
-    """Images resized to the model's input size, with their original sizes (H, W)."""
+    """Images resized to the model's input, with their original sizes (H, W) and, per image, the
+    (top, left, height, width) box of `pixels` that holds the image (all of it unless
+    letterboxed)."""
 
     pixels: torch.Tensor
     sizes: list[tuple[int, int]]
+    boxes: list[tuple[int, int, int, int]]
 
 
-def resize_to_tensor(images: Sequence[np.ndarray], size: int) -> torch.Tensor:
-    """HxWx3 uint8 arrays -> float tensor (B, 3, size, size) in [0, 1] (bilinear, antialiased)."""
-    resized = []
-    for image in images:
-        tensor = torch.from_numpy(np.require(image, requirements=["C", "W"]))
-        tensor = tensor.permute(2, 0, 1)[None].float()
-        if tuple(tensor.shape[-2:]) != (size, size):
-            tensor = F.interpolate(
-                tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False
-            )
-        resized.append(tensor)
-    return (torch.cat(resized) / 255.0).clamp_(0.0, 1.0)
+def check_resize(mode: str, supported: Sequence[str] = RESIZE_MODES) -> str:
+    """`mode` itself if it is one of `supported`, else a `ParameterError` naming the choices."""
+    if mode not in supported:
+        raise ParameterError(f"resize must be one of {', '.join(supported)}; got {mode!r}")
+    return mode
+
+
+def input_shape(height: int, width: int, size: int, mode: str) -> tuple[int, int]:
+    """The (height, width) an image of `height` x `width` is resized to before padding."""
+    if mode == "squash":
+        return size, size
+    scale = size / (min(height, width) if mode == "keep" else max(height, width))
+    if mode == "keep":
+        return (
+            max(KEEP_MULTIPLE, round(height * scale / KEEP_MULTIPLE) * KEEP_MULTIPLE),
+            max(KEEP_MULTIPLE, round(width * scale / KEEP_MULTIPLE) * KEEP_MULTIPLE),
+        )
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def resize_image(
+    image: np.ndarray, size: int, mode: str = "squash"
+) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """HxWx3 uint8 array -> float tensor (3, h, w) in [0, 1] (bilinear, antialiased) and the box
+    of it that holds the image; `letterbox` centres the image on a size x size grey square."""
+    tensor = torch.from_numpy(np.require(image, requirements=["C", "W"]))
+    tensor = tensor.permute(2, 0, 1)[None].float()
+    height, width = input_shape(*image.shape[:2], size, mode)
+    if tuple(tensor.shape[-2:]) != (height, width):
+        tensor = F.interpolate(
+            tensor, size=(height, width), mode="bilinear", antialias=True, align_corners=False
+        )
+    tensor = (tensor[0] / 255.0).clamp_(0.0, 1.0)
+    if mode != "letterbox":
+        return tensor, (0, 0, height, width)
+    top, left = (size - height) // 2, (size - width) // 2
+    canvas = torch.full((3, size, size), LETTERBOX_FILL)
+    canvas[:, top : top + height, left : left + width] = tensor
+    return canvas, (top, left, height, width)
+
+
+def resize_to_tensor(images: Sequence[np.ndarray], size: int, mode: str = "squash") -> torch.Tensor:
+    """HxWx3 uint8 arrays of one resized shape -> float tensor (B, 3, h, w) in [0, 1]."""
+    return torch.stack([resize_image(image, size, mode)[0] for image in images])
 
 
 def iter_batches(
-    images: Sequence[ImageLike], size: int, batch_size: int, progress: str | None = None
+    images: Sequence[ImageLike],
+    size: int,
+    batch_size: int,
+    progress: str | None = None,
+    mode: str = "squash",
 ) -> Iterator[Batch]:
     """Load and resize images lazily, `batch_size` at a time, so memory stays flat; with a
-    `progress` label, a progress bar counts the images done."""
+    `progress` label, a progress bar counts the images done. With `keep`, a batch holds
+    consecutive images of the same resized shape (a folder of one camera's images batches fully;
+    mixed shapes are scored in smaller batches), in the input order."""
     with make_progress() as bar:
         task = bar.add_task(progress or "", total=len(images), info="", visible=bool(progress))
         for start in range(0, len(images), batch_size):
             arrays = [to_rgb_array(image) for image in images[start : start + batch_size]]
-            yield Batch(resize_to_tensor(arrays, size), [a.shape[:2] for a in arrays])
+            resized = [resize_image(array, size, mode) for array in arrays]
+            run = 0
+            for end in range(1, len(arrays) + 1):
+                if end == len(arrays) or resized[end][0].shape != resized[run][0].shape:
+                    yield Batch(
+                        torch.stack([tensor for tensor, _ in resized[run:end]]),
+                        [a.shape[:2] for a in arrays[run:end]],
+                        [box for _, box in resized[run:end]],
+                    )
+                    run = end
             bar.advance(task, len(arrays))
 
 
-def load_resized(images: Sequence[ImageLike], size: int, batch_size: int = 32) -> torch.Tensor:
-    """All images resized to `size` as one uint8 tensor (N, 3, size, size), for methods that
-    train for many epochs (1,000 images at 256 px take 200 MB)."""
+def load_resized(
+    images: Sequence[ImageLike], size: int, batch_size: int = 32, mode: str = "squash"
+) -> torch.Tensor:
+    """All images resized to `size` (`squash` or `letterbox`) as one uint8 tensor
+    (N, 3, size, size), for methods that train for many epochs (1,000 images at 256 px take
+    200 MB)."""
     stored = torch.empty((len(images), 3, size, size), dtype=torch.uint8)
     start = 0
-    for batch in iter_batches(images, size, batch_size, "loading images"):
+    for batch in iter_batches(images, size, batch_size, "loading images", mode):
         count = len(batch.sizes)
         stored[start : start + count] = (batch.pixels * 255).round().to(torch.uint8)
         start += count

@@ -28,6 +28,7 @@ import torch
 
 from anomalens.core.detector import Detector
 from anomalens.core.model_file import CONFIG_KEY
+from anomalens.data.preprocessing import KEEP_MULTIPLE, LETTERBOX_FILL
 from anomalens.deploy.onnx_model import OnnxModel
 from anomalens.errors import ExportError
 from anomalens.features.handcrafted import HandcraftedFeatures
@@ -38,7 +39,16 @@ INPUT_NAME = "pixels"
 PREPROCESSING_KEY = "anomalens_preprocessing"
 
 
-def preprocessing_config(image_size: int) -> dict[str, Any]:
+RESIZE_TEXT = {
+    "squash": "bilinear, antialiased, to size x size (aspect ratio not kept)",
+    "keep": f"bilinear, antialiased, short side to size, both sides rounded to a multiple of "
+    f"{KEEP_MULTIPLE} (aspect ratio kept; the graph takes any such height and width)",
+    "letterbox": f"bilinear, antialiased, long side to size, centred on a size x size square "
+    f"filled with {LETTERBOX_FILL}",
+}
+
+
+def preprocessing_config(image_size: int, resize: str = "squash") -> dict[str, Any]:
     """What a caller must do to an image before the graph (stored in the ONNX metadata)."""
     return {
         "input": INPUT_NAME,
@@ -47,7 +57,8 @@ def preprocessing_config(image_size: int) -> dict[str, Any]:
         "channels": "RGB",
         "range": [0.0, 1.0],
         "size": [image_size, image_size],
-        "resize": "bilinear, antialiased, to a square (aspect ratio not kept)",
+        "resize_mode": resize,
+        "resize": RESIZE_TEXT[resize],
         "normalisation": "inside the graph",
     }
 
@@ -69,7 +80,11 @@ def export_onnx(detector: Detector, path: str | Path, opset: int = OPSET) -> Pat
     size = detector.image_size
     example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     outputs = ["score", "anomaly_map"] if detector.produces_maps else ["score"]
-    batch = torch.export.Dim("batch", min=1, max=4096)
+    dims: dict[int, Any] = {0: torch.export.Dim("batch", min=1, max=4096)}
+    if detector.input_mode == "keep":
+        # Any height and width that are multiples of KEEP_MULTIPLE, as `keep` resizes to.
+        dims[2] = KEEP_MULTIPLE * torch.export.Dim("height_blocks", min=1, max=256)
+        dims[3] = KEEP_MULTIPLE * torch.export.Dim("width_blocks", min=1, max=256)
     try:
         # The exporter reports its steps on stdout and warns about internals: keep both quiet.
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
@@ -79,7 +94,7 @@ def export_onnx(detector: Detector, path: str | Path, opset: int = OPSET) -> Pat
                 (example,),
                 input_names=[INPUT_NAME],
                 output_names=outputs,
-                dynamic_shapes=({0: batch},),
+                dynamic_shapes=(dims,),
                 opset_version=opset,
                 dynamo=True,
             )
@@ -88,7 +103,7 @@ def export_onnx(detector: Detector, path: str | Path, opset: int = OPSET) -> Pat
         raise ExportError(f"exporting {detector.name} to ONNX failed: {first}") from error
     metadata = program.model.metadata_props
     metadata[CONFIG_KEY] = json.dumps(detector.model_config())
-    metadata[PREPROCESSING_KEY] = json.dumps(preprocessing_config(size))
+    metadata[PREPROCESSING_KEY] = json.dumps(preprocessing_config(size, detector.input_mode))
     program.model.doc_string = (
         f"anomalens {detector.name}: {INPUT_NAME} (B, 3, {size}, {size}) RGB in [0, 1] -> "
         + ", ".join(outputs)

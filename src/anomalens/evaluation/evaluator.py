@@ -32,9 +32,11 @@ class Evaluation:
 def evaluate(detector: Scorer, root: str | Path) -> Evaluation:
     """Predict every image of `root/test` and score it against labels and ground-truth masks.
 
-    The keys: image_auroc, image_aupr, image_f1_max, pixel_auroc, aupro (fractions in [0, 1];
-    pixel metrics None for image-level detectors), n_images, predict_ms_per_image (wall time of
-    predict, image decoding included, divided by the number of images).
+    The keys: image_auroc, image_aupr, image_f1_max, pixel_auroc, aupro (fractions in [0, 1]),
+    n_images, n_pixel_images and predict_ms_per_image (wall time of predict, image decoding
+    included, divided by the number of images). The pixel metrics cover the normal images and the
+    anomalous ones that have a mask (n_pixel_images of them); they are None for image-level
+    detectors and for test splits without any defect mask.
     """
     samples = test_samples(root)
     started = time.perf_counter()
@@ -42,25 +44,28 @@ def evaluate(detector: Scorer, root: str | Path) -> Evaluation:
     elapsed = time.perf_counter() - started
     labels = [sample.label for sample in samples]
     scores = [p.score for p in predictions]
-    metrics: dict[str, Any]
-    masks: list[np.ndarray | None] = [None] * len(samples)
+    sample_masks: list[np.ndarray | None] = [None] * len(samples)
+    masks: list[Any] | None = None
+    maps: list[Any] | None = None
     if detector.produces_maps:
-        masks = [
+        sample_masks = [
             load_sample_mask(sample, p.anomaly_map.shape)
             for sample, p in zip(samples, predictions, strict=True)
         ]
-        usable = [i for i, mask in enumerate(masks) if mask is not None]
-        metrics = evaluate_predictions(
-            labels,
-            scores,
-            [masks[i] for i in usable],
-            [predictions[i].anomaly_map for i in usable],
-        )
-    else:
-        metrics = evaluate_predictions(labels, scores)
+        # Anomalous images without a mask file are left out of the pixel metrics (their map
+        # goes in as None); with no anomalous mask at all there is nothing to localise.
+        maps = [
+            None if mask is None else p.anomaly_map
+            for mask, p in zip(sample_masks, predictions, strict=True)
+        ]
+        masks = sample_masks
+        if not any(label and m is not None for label, m in zip(labels, masks, strict=True)):
+            masks = maps = None
+    metrics: dict[str, Any] = evaluate_predictions(labels, scores, masks, maps)
+    metrics["n_pixel_images"] = 0 if maps is None else sum(m is not None for m in maps)
     metrics["n_images"] = len(samples)
     metrics["predict_ms_per_image"] = 1000.0 * elapsed / len(samples)
-    return Evaluation(metrics, samples, predictions, masks)
+    return Evaluation(metrics, samples, predictions, sample_masks)
 
 
 def fit_and_evaluate(

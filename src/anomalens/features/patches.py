@@ -10,9 +10,21 @@ import torch.nn.functional as F
 from anomalens.data.preprocessing import ImageLike, iter_batches
 
 
-def aggregate_patches(feature_maps: list[torch.Tensor], neighbourhood: int = 3) -> torch.Tensor:
+def aggregate_patches(
+    feature_maps: list[torch.Tensor], neighbourhood: int = 3, damp_border: bool = True
+) -> torch.Tensor:
     """Average each map over a `neighbourhood` x `neighbourhood` window (stride 1), upsample every
-    map to the finest grid (bilinear) and concatenate the channels: (B, sum C, h, w)."""
+    map to the finest grid (bilinear) and concatenate the channels: (B, sum C, h, w).
+
+    With `damp_border` (PatchCore's default, as in its reference code), positions outside the
+    image count as zero features, so a border patch's feature, and with it its distance to any
+    bank patch, is scaled by the fraction of its window inside the image (6/9 along an edge, 4/9
+    in a corner for 3x3). Border patches see the CNN's own zero padding and are the noisiest of
+    normal images: on magnetic tile their nearest-bank distance is 1.4x the interior's and, when
+    averaged over the inside part only, the largest patch score of every normal image lay on the
+    border (benchmarks/RESULTS.md, "Border patches"). Without it the window averages only the
+    positions inside the image.
+    """
     height, width = feature_maps[0].shape[-2:]
     aggregated = []
     for features in feature_maps:
@@ -22,7 +34,7 @@ def aggregate_patches(feature_maps: list[torch.Tensor], neighbourhood: int = 3) 
                 neighbourhood,
                 stride=1,
                 padding=neighbourhood // 2,
-                count_include_pad=False,
+                count_include_pad=damp_border,
             )
         if tuple(features.shape[-2:]) != (height, width):
             features = F.interpolate(

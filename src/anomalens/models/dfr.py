@@ -31,7 +31,7 @@ from anomalens.components.residuals import IMAGE_SCORES, image_scores
 from anomalens.core.registry import register
 from anomalens.core.trained_detector import TrainedDetector
 from anomalens.core.training import optimizer_step
-from anomalens.data.preprocessing import ImageLike, iter_batches
+from anomalens.data.preprocessing import ImageLike, check_resize
 from anomalens.errors import ParameterError, check_choice
 from anomalens.features.backbones import DEFAULT_BACKBONE, Backbone
 from anomalens.features.patches import aggregate_patches, flatten_patches
@@ -86,6 +86,7 @@ class DFR(TrainedDetector):
         patience: int = 5,
         learning_rate: float = 1e-3,
         *,
+        resize: str = "squash",
         image_size: int = 256,
         target_fpr: float = 0.01,
         pixel_target_fpr: float = 0.001,
@@ -103,13 +104,13 @@ class DFR(TrainedDetector):
     @torch.inference_mode()
     def _vectors(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """(B, 3, S, S) in [0, 1] -> regional feature vectors (B * h * w, C) and (h, w)."""
-        features = aggregate_patches(self.backbone_(pixels))
+        features = aggregate_patches(self.backbone_(pixels), damp_border=False)
         return flatten_patches(features), tuple(features.shape[-2:])
 
     def _extract(self, images: list[ImageLike]) -> torch.Tensor:
         """Feature vectors of all images, float16 to halve the memory of the training set."""
         chunks = []
-        for batch in iter_batches(images, self.image_size, self.batch_size, "features"):
+        for batch in self._batches(images, "features"):
             chunks.append(self._vectors(batch.pixels)[0].half())
         return torch.cat(chunks)
 
@@ -120,6 +121,7 @@ class DFR(TrainedDetector):
     def _fit(self, images: list[ImageLike]) -> None:
         self._start_training()
         check_choice("image_score", self.image_score, IMAGE_SCORES)
+        check_resize(self.resize)
         if not 0 < self.latent_variance <= 1:
             raise ParameterError(f"latent_variance must be in (0, 1], got {self.latent_variance}")
         if self.latent_channels is not None and int(self.latent_channels) < 1:
@@ -163,7 +165,7 @@ class DFR(TrainedDetector):
         vectors = self._standardise(vectors)
         errors = ((self.network_(vectors) - vectors) ** 2).mean(dim=1)
         errors = errors.view(-1, 1, height, width)
-        maps = anomaly_maps(errors, self.image_size, self.smoothing_sigma)
+        maps = anomaly_maps(errors, pixels.shape[-2:], self.smoothing_sigma)
         return image_scores(maps, self.image_score, self.top_k), maps
 
     # ---- persistence -------------------------------------------------------------------------

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from anomalens.components.maps import anomaly_maps
 from anomalens.core.detector import Detector
 from anomalens.core.registry import register
-from anomalens.data.preprocessing import ImageLike, iter_batches
+from anomalens.data.preprocessing import ImageLike, check_resize
 from anomalens.errors import ParameterError
 from anomalens.features.backbones import (
     DEFAULT_BACKBONE,
@@ -54,6 +54,7 @@ class PaDiM(Detector):
 
     name = "padim"
     fitted_fields = ("layers_",)
+    refit_on_all = True
 
     def __init__(
         self,
@@ -65,6 +66,7 @@ class PaDiM(Detector):
         feature_stride: int | None = 8,
         smoothing_sigma: float = 4.0,
         *,
+        resize: str = "squash",
         image_size: int = 256,
         target_fpr: float = 0.01,
         pixel_target_fpr: float = 0.001,
@@ -116,13 +118,15 @@ class PaDiM(Detector):
     def _fit(self, images: list[ImageLike]) -> None:
         if self.n_features < 1 or self.epsilon < 0:
             raise ParameterError("PaDiM needs n_features >= 1 and epsilon >= 0")
+        # A Gaussian per grid position needs one grid: no `keep` (non-square inputs).
+        check_resize(self.resize, ("squash", "letterbox"))
         self._build_backbone()
         self._prepare(self._select_channels())
         # Sums of (embedding - shift) and of its outer products, with the first batch's mean as
         # the shift: nearly centred data keeps the float32 covariance accurate.
         count, shift, total, scatter = 0, None, None, None
         with torch.inference_mode():
-            for batch in iter_batches(images, self.image_size, self.batch_size, "features"):
+            for batch in self._batches(images, "features"):
                 embedding = self._embed(batch.pixels).transpose(0, 1).contiguous()  # (P, B, d)
                 if shift is None:
                     shift = embedding.mean(dim=1, keepdim=True)

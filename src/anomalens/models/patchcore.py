@@ -26,7 +26,7 @@ from anomalens.components.maps import anomaly_maps
 from anomalens.components.neighbors import NearestNeighbors, greedy_coreset, nearest_by_matmul
 from anomalens.core.detector import Detector
 from anomalens.core.registry import register
-from anomalens.data.preprocessing import ImageLike, iter_batches
+from anomalens.data.preprocessing import ImageLike, check_resize
 from anomalens.errors import ParameterError
 from anomalens.features.backbones import (
     DEFAULT_BACKBONE,
@@ -43,6 +43,7 @@ class PatchCore(Detector):
 
     name = "patchcore"
     fitted_fields = ("layers_",)
+    refit_on_all = True
 
     def __init__(
         self,
@@ -55,6 +56,7 @@ class PatchCore(Detector):
         reweight: bool = True,
         smoothing_sigma: float = 4.0,
         *,
+        resize: str = "squash",
         image_size: int = 256,
         target_fpr: float = 0.01,
         pixel_target_fpr: float = 0.001,
@@ -72,29 +74,48 @@ class PatchCore(Detector):
 
     # ---- fit ---------------------------------------------------------------------------------
     def _fit(self, images: list[ImageLike]) -> None:
+        self._set_bank(*self._coreset(images))
+
+    def _fit_and_score_held_out(
+        self, images: list[ImageLike], held_out: list[int]
+    ) -> tuple[np.ndarray, list[np.ndarray | None]]:
+        """One feature pass and one coreset over all images; the held-out images are scored
+        against the bank without their own patches, as if never seen (leave-out), and the whole
+        bank is kept. Cheaper than learning twice, and nothing is held back from the model."""
+        bank, sources = self._coreset(images)
+        self._set_bank(bank[~np.isin(sources, held_out)])
+        result = self._score_all([images[i] for i in held_out], "thresholds")
+        self._set_bank(bank)
+        self.n_train_images_ = len(images)
+        return result
+
+    def _coreset(self, images: list[ImageLike]) -> tuple[np.ndarray, np.ndarray]:
+        """The coreset of all patches of `images` and, per coreset patch, its image's index."""
         if not 0 < self.coreset_ratio <= 1:
             raise ParameterError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+        check_resize(self.resize)
         self.backbone_ = create_backbone(self.backbone, self.layers, self.weights)
         self.layers_ = list(self.backbone_.layers)
-        bank: np.ndarray | None = None
+        parts, sources, seen = [], [], 0
         with torch.inference_mode():
-            start = 0
-            for batch in iter_batches(images, self.image_size, self.batch_size, "features"):
+            for batch in self._batches(images, "features"):
                 patches = flatten_patches(self._patch_features(batch.pixels)).numpy()
-                if bank is None:
-                    per_image = patches.shape[0] // len(batch.sizes)
-                    bank = np.empty((per_image * len(images), patches.shape[1]), np.float32)
-                bank[start : start + patches.shape[0]] = patches
-                start += patches.shape[0]
-        assert bank is not None
+                count = len(batch.sizes)
+                sources.append(np.repeat(np.arange(seen, seen + count), len(patches) // count))
+                parts.append(patches)
+                seen += count
+        bank, source = np.concatenate(parts), np.concatenate(sources)
+        del parts
         if self.coreset_ratio < 1:
-            bank = bank[greedy_coreset(bank, self.coreset_ratio, self.projection_dim, self.seed)]
-        self._index(np.ascontiguousarray(bank))
+            selected = greedy_coreset(bank, self.coreset_ratio, self.projection_dim, self.seed)
+            bank, source = bank[selected], source[selected]
+        return bank, source
 
-    def _index(self, bank: np.ndarray) -> None:
+    def _set_bank(self, bank: np.ndarray) -> None:
         """The bank, its search index and each bank patch's `num_neighbors` nearest bank
         patches (the reweighting's support), searched a few at a time as FAISS then breaks
         ties the same way on every machine."""
+        bank = np.ascontiguousarray(bank, dtype=np.float32)
         self.memory_bank_ = bank
         self.bank_ = torch.from_numpy(bank)
         self.squared_norms_ = (self.bank_ * self.bank_).sum(dim=1)
@@ -118,7 +139,7 @@ class PatchCore(Detector):
             support = self.bank_[self.support_[nearest[rows, best]]]
             scores = scores * reweighting(patches[rows, best], support)
         maps = distances.reshape(count, 1, height, width)
-        return scores, anomaly_maps(maps, self.image_size, self.smoothing_sigma)
+        return scores, anomaly_maps(maps, pixels.shape[-2:], self.smoothing_sigma)
 
     def _nearest(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Distance to and index of the nearest bank patch of each patch (B, P, D): FAISS at
@@ -140,7 +161,7 @@ class PatchCore(Detector):
 
     def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
         self.backbone_ = restore_backbone(self.backbone, self.layers_, tensors)
-        self._index(np.ascontiguousarray(tensors["memory_bank"].numpy(), dtype=np.float32))
+        self._set_bank(tensors["memory_bank"].numpy())
 
 
 def reweighting(test_patches: torch.Tensor, support: torch.Tensor) -> torch.Tensor:

@@ -119,7 +119,9 @@ class Tiled(Detector):
                     step = max(1, math.ceil(math.sqrt(canvas.size / THRESHOLD_PIXELS)))
                     maps.append(np.ascontiguousarray(canvas[::step, ::step]))
                 progress.advance(task)
-        return np.asarray(scores, dtype=np.float64), maps
+        result = np.asarray(scores, dtype=np.float64)
+        self._apply_roi(result, maps, [(0, 0, *m.shape) for m in maps])
+        return result, maps
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         return with_prefix("detector", self.detector_._tensors())
