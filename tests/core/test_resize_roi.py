@@ -3,6 +3,7 @@ predict on non-square images, evaluation, persistence, ONNX export and the CLI."
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from anomalens.data.preprocessing import (
     iter_batches,
     resize_image,
 )
+from anomalens.deploy.export import export_onnx
 from anomalens.errors import DataError, ParameterError
 from anomalens.evaluation import evaluate
 
@@ -167,12 +169,16 @@ def test_evaluate_on_a_non_square_mvtec_folder(fitted, mode: str, tmp_path: Path
         assert prediction.anomaly_map.shape == Image.open(sample.path).size[::-1]
 
 
-@pytest.mark.parametrize(
-    "mode", ["squash", pytest.param("keep", marks=pytest.mark.slow), "letterbox"]
+# Tracing a keep-mode graph with symbolic height and width takes minutes (tf_efficientnet's
+# "same" padding is computed from the input size), too long for every run of the suite.
+SLOW_EXPORT = pytest.mark.skipif(
+    not os.environ.get("ANOMALENS_SLOW_TESTS"),
+    reason="keep-mode ONNX export takes minutes to trace; set ANOMALENS_SLOW_TESTS=1",
 )
-def test_onnx_export_matches_torch_with_roi(fitted, mode: str, tmp_path: Path) -> None:
-    from anomalens.deploy.export import export_onnx
 
+
+@pytest.mark.parametrize("mode", ["squash", pytest.param("keep", marks=SLOW_EXPORT), "letterbox"])
+def test_onnx_export_matches_torch_with_roi(fitted, mode: str, tmp_path: Path) -> None:
     model = fitted[mode]
     path = export_onnx(model, tmp_path / "model.onnx")
     onnx = anomalens.load(path)
