@@ -74,7 +74,7 @@ class PatchCore(Detector):
 
     # ---- fit ---------------------------------------------------------------------------------
     def _fit(self, images: list[ImageLike]) -> None:
-        self._set_bank(*self._coreset(images))
+        self._set_bank(self._coreset(images)[0])
 
     def _fit_and_score_held_out(
         self, images: list[ImageLike], held_out: list[int]
