@@ -42,7 +42,9 @@ class PatchCore(Detector):
     """PatchCore: nearest-neighbour distance of patch features to a coreset memory bank."""
 
     name = "patchcore"
-    fitted_fields = ("layers_",)
+    fitted_fields = ("layers_", "damp_border_")
+    """`damp_border_`: border patches damped (`aggregate_patches`); models fitted before it
+    existed (no such field in their file) keep the undamped features they were fitted with."""
     refit_on_all = True
 
     def __init__(
@@ -70,7 +72,7 @@ class PatchCore(Detector):
     @torch.inference_mode()
     def _patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) in [0, 1] -> aggregated patch features (B, D, h, w)."""
-        return aggregate_patches(self.backbone_(pixels))
+        return aggregate_patches(self.backbone_(pixels), damp_border=bool(self.damp_border_))
 
     # ---- fit ---------------------------------------------------------------------------------
     def _fit(self, images: list[ImageLike]) -> None:
@@ -96,6 +98,7 @@ class PatchCore(Detector):
         check_resize(self.resize)
         self.backbone_ = create_backbone(self.backbone, self.layers, self.weights)
         self.layers_ = list(self.backbone_.layers)
+        self.damp_border_ = True
         parts, sources, seen = [], [], 0
         with torch.inference_mode():
             for batch in self._batches(images, "features"):
