@@ -6,14 +6,20 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+_highest_mb = 0.0
+"""The highest reading so far: the kernel updates its high-water mark lazily (when memory is
+unmapped), so a later reading can come out a few pages lower than an earlier one."""
+
 
 def peak_rss_mb() -> float:
     """The process's peak resident memory so far in MB (since start or the last `PeakMemory`)."""
+    global _highest_mb
     try:
         with open("/proc/self/status", encoding="ascii") as status:
             for line in status:
                 if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
+                    _highest_mb = max(_highest_mb, int(line.split()[1]) / 1024)
+                    return _highest_mb
     except OSError:
         pass
     return float("nan")
@@ -26,9 +32,11 @@ class PeakMemory:
     peak_mb = float("nan")
 
     def __enter__(self) -> PeakMemory:
+        global _highest_mb
         # Not Linux, or not allowed: the peak is then the whole process's.
         with contextlib.suppress(OSError):
             Path("/proc/self/clear_refs").write_text("5")
+            _highest_mb = 0.0
         return self
 
     def __exit__(self, *exc: object) -> None:
