@@ -179,6 +179,11 @@ def lib_patchcore(train: list[torch.Tensor], tests: dict) -> tuple[PatchcoreMode
     model.coreset_idx = lib_coreset(full)
     model.memory_bank, model.full_bank = full[model.coreset_idx], full
     model.eval()
+    return model, lib_scores(model, tests, feeder)
+
+
+def lib_scores(model, tests, feeder) -> dict:
+    """anomalib's image scores and maps of each named set of cached maps."""
     out = {}
     for name, maps in tests.items():
         results = [model(dummy) for dummy in batches(maps, feeder)]
@@ -186,7 +191,7 @@ def lib_patchcore(train: list[torch.Tensor], tests: dict) -> tuple[PatchcoreMode
             torch.cat([r.pred_score for r in results]).numpy(),
             torch.cat([r.anomaly_map for r in results])[:, 0].numpy(),
         )
-    return model, out
+    return out
 
 
 def lib_padim(train, tests, channels: torch.Tensor | None) -> dict:
@@ -200,14 +205,7 @@ def lib_padim(train, tests, channels: torch.Tensor | None) -> dict:
         model(dummy)
     model.fit()
     model.eval()
-    out = {}
-    for name, maps in tests.items():
-        results = [model(dummy) for dummy in batches(maps, feeder)]
-        out[name] = (
-            torch.cat([r.pred_score for r in results]).numpy(),
-            torch.cat([r.anomaly_map for r in results])[:, 0].numpy(),
-        )
-    return out
+    return lib_scores(model, tests, feeder)
 
 
 def border_split(a: torch.Tensor, b: torch.Tensor) -> dict:
