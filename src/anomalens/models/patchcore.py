@@ -117,16 +117,16 @@ class PatchCore(Detector):
         return bank, source
 
     def _set_bank(self, bank: np.ndarray) -> None:
-        """The bank, its search index and each bank patch's `num_neighbors` nearest bank
-        patches (the reweighting's support), searched a few at a time as FAISS then breaks
-        ties the same way on every machine."""
+        """The bank, its squared norms (for the search) and each bank patch's `num_neighbors`
+        nearest bank patches (the reweighting's support), found with FAISS a few at a time so
+        that it breaks ties the same way on every machine."""
         bank = np.ascontiguousarray(bank, dtype=np.float32)
         self.memory_bank_ = bank
         self.bank_ = torch.from_numpy(bank)
         self.squared_norms_ = (self.bank_ * self.bank_).sum(dim=1)
-        self.index_ = NearestNeighbors(bank)
+        index = NearestNeighbors(bank)
         support = [
-            self.index_.search(bank[start : start + 16], self.num_neighbors)[1]
+            index.search(bank[start : start + 16], self.num_neighbors)[1]
             for start in range(0, len(bank), 16)
         ]
         self.support_ = torch.from_numpy(np.concatenate(support))
