@@ -81,7 +81,9 @@ def test_predict_goes_on_past_bad_files(model_file, brick, tmp_path, monkeypatch
     assert "not found" in rows["nope.png"]["error"]
     assert float(rows["foreign.png"]["score"]) > float(rows["good.png"]["score"])
     assert rows["good.png"]["label"] == "0" and rows["foreign.png"]["label"] == "1"
-    assert (out / "hole_overlay.png").is_file() and not (out / "broken_overlay.png").exists()
+    assert rows["hole.png"]["relative_path"] == "images/hole.png"
+    overlays = out / "overlays" / "images"
+    assert (overlays / "hole.png").is_file() and not (overlays / "broken.png").exists()
     assert "broken.png" in stderr and "Traceback" not in stderr
 
 

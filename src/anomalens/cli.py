@@ -6,7 +6,6 @@ one line on stderr and exits with status 2.
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 from pathlib import Path
@@ -21,11 +20,14 @@ from anomalens import progress
 from anomalens.components.tiling import check_tiling
 from anomalens.core.model_file import read_config
 from anomalens.core.scorer import Scorer
-from anomalens.data.io import list_images, to_rgb_array
+from anomalens.data.inputs import collect_inputs
+from anomalens.data.io import to_rgb_array
 from anomalens.data.mvtec import training_images
 from anomalens.data.synthetic import TEXTURES, make_dataset
+from anomalens.deploy.batch import FORMATS as BATCH_FORMATS
+from anomalens.deploy.batch import inspect_images
 from anomalens.deploy.export import FORMATS, export_onnx
-from anomalens.errors import AnomalensError, DataError, ImageReadError
+from anomalens.errors import AnomalensError, check_choice
 from anomalens.evaluation.benchmark import DEFAULT_MODELS, parse_models, run_benchmark
 from anomalens.evaluation.evaluator import Evaluation
 from anomalens.evaluation.evaluator import evaluate as evaluate_model
@@ -33,6 +35,7 @@ from anomalens.evaluation.report import write_page
 from anomalens.evaluation.selection import auto_fit
 from anomalens.evaluation.viz import ResultRow, overlay, save_png, write_results_page
 from anomalens.models.tiled import tiled
+from anomalens.outputs import check_writable_file, check_writable_folder
 
 app = typer.Typer(
     help="Unsupervised visual anomaly detection: fit on normal images, find and localise defects.",
@@ -113,6 +116,7 @@ def fit(
     ] = 600.0,
 ) -> None:
     """Fit a detector on normal images and save it."""
+    check_writable_file(output, "model file")
     if auto:
         given = {
             "--model": model,
@@ -186,78 +190,59 @@ def _selection_table(selection: dict[str, Any]) -> Table:
     return table
 
 
-def _expand_inputs(inputs: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
-    files: list[Path] = []
-    failures: list[tuple[Path, str]] = []
-    for item in inputs:
-        if item.is_dir():
-            try:
-                files.extend(list_images(item))
-            except DataError as error:
-                failures.append((item, str(error)))
-        elif item.is_file():
-            files.append(item)
-        else:
-            failures.append((item, f"file not found: {item}"))
-    return files, failures
-
-
 @app.command()
 def predict(
     model_file: Annotated[
         Path, typer.Argument(metavar="MODEL", help="Model file from `anomalens fit` or `export`.")
     ],
     inputs: Annotated[
-        list[Path],
-        typer.Argument(metavar="IMAGE_OR_FOLDER...", help="Images or folders of images."),
+        list[str],
+        typer.Argument(
+            metavar="INPUT...",
+            help="Images, folders of images, or @list.txt (a text file of paths, one per line).",
+        ),
     ],
     out: Annotated[
-        Path, typer.Option("--out", help="Folder for results.csv and heatmap overlays.")
+        Path, typer.Option("--out", help="Folder for the results file and heatmap overlays.")
     ],
     overlays: Annotated[bool, typer.Option(help="Write one heatmap overlay PNG per image.")] = True,
+    recursive: Annotated[
+        bool, typer.Option("--recursive", "-r", help="Read folders with all their subfolders.")
+    ] = False,
+    fmt: Annotated[
+        str, typer.Option("--format", help="Results file: csv (results.csv) or parquet.")
+    ] = "csv",
+    resume: Annotated[
+        bool,
+        typer.Option(help="Keep the results already in --out and score only the other images."),
+    ] = False,
+    min_region_area: Annotated[
+        int, typer.Option(help="Defect regions smaller than this many pixels are dropped.")
+    ] = 0,
 ) -> None:
-    """Score images; write results.csv (path, score, label, error) and heatmap overlays."""
+    """Score images; stream one results row per image (path, relative_path, score, label,
+    regions, overlay, error) and write heatmap overlays under out/overlays/<relative path>."""
+    check_choice("--format", fmt, BATCH_FORMATS)
+    check_writable_folder(out, "--out folder")
     detector = anomalens.load(model_file)
-    files, failures = _expand_inputs(inputs)
-    out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = [
-        {"path": str(path), "score": "", "label": "", "error": reason} for path, reason in failures
-    ]
-    for start in progress.track(range(0, len(files), detector.batch_size), "predicting"):
-        chunk, arrays = [], []
-        for path in files[start : start + detector.batch_size]:
-            try:
-                arrays.append(to_rgb_array(path))
-                chunk.append(path)
-            except ImageReadError as error:
-                failures.append((path, str(error)))
-                rows.append({"path": str(path), "score": "", "label": "", "error": str(error)})
-        if not arrays:
-            continue
-        for path, image, result in zip(chunk, arrays, detector.predict(arrays), strict=True):
-            rows.append(
-                {
-                    "path": str(path),
-                    "score": f"{result.score:.6g}",
-                    "label": int(result.label),
-                    "error": "",
-                }
-            )
-            if overlays and result.anomaly_map is not None:
-                picture = overlay(image, result.anomaly_map, detector.pixel_threshold_, result.mask)
-                save_png(picture, out / f"{path.stem}_overlay.png")
-    with open(out / "results.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["path", "score", "label", "error"])
-        writer.writeheader()
-        writer.writerows(rows)
-    flagged = sum(1 for row in rows if row["label"] == 1)
-    console.print(
-        f"{len(rows) - len(failures)} images scored, {flagged} anomalous; "
-        f"results in {out / 'results.csv'}"
+    collected = collect_inputs(inputs, recursive=recursive)
+    summary = inspect_images(
+        detector,
+        collected,
+        out,
+        fmt=fmt,
+        resume=resume,
+        overlays=overlays,
+        min_region_area=min_region_area,
     )
-    for path, reason in failures:
+    kept = f" ({summary.kept} kept from before)" if summary.kept else ""
+    console.print(
+        f"{summary.scored} images scored{kept}, {summary.anomalous} anomalous; "
+        f"results in {summary.results}"
+    )
+    for path, reason in summary.failed:
         errors.print(f"[red]skipped[/] {path}: {reason}", highlight=False)
-    if failures:
+    if summary.failed:
         raise typer.Exit(2)
 
 
@@ -303,11 +288,14 @@ def evaluate(
     ] = None,
 ) -> None:
     """Metrics on an MVTec-layout test split (image AUROC/AUPR/F1-max, pixel AUROC, AUPRO)."""
+    if json_file is not None:
+        check_writable_file(json_file, "--json file")
+    if out is not None:
+        check_writable_folder(out, "--out folder")
     detector = anomalens.load(model_file)
     evaluation = evaluate_model(detector, data)
     console.print(_metrics_table(f"{detector.name} on {data}", [(data.name, evaluation.metrics)]))
     if json_file is not None:
-        json_file.parent.mkdir(parents=True, exist_ok=True)
         json_file.write_text(json.dumps(evaluation.metrics, indent=2), encoding="utf-8")
     if out is not None:
         page = _write_report(evaluation, detector, out, f"{detector.name} on {data.name}")
@@ -322,6 +310,7 @@ def demo(
     model: Annotated[str, typer.Option(help="Detector name.")] = "patchcore",
 ) -> None:
     """Build the embedded synthetic dataset, fit on its normal images, evaluate, write a report."""
+    check_writable_folder(out, "--out folder")
 
     data = out / "data"
     categories = [data / texture for texture in TEXTURES]
@@ -378,6 +367,7 @@ def benchmark(
 ) -> None:
     """Fit and evaluate models on datasets, each row in a fresh process; write a report."""
     specs = parse_models(models, _parse_params(param or []))
+    check_writable_folder(out, "--out folder")
     datasets = [*data, *(more_data or [])]
     console.print(f"benchmarking {len(specs)} model(s) on {len(datasets)} dataset(s)")
     rows = run_benchmark(
@@ -411,6 +401,7 @@ def export(
     """Export a model as one ONNX graph (pixels -> score, anomaly map) for ONNX Runtime."""
     if fmt not in FORMATS:
         raise AnomalensError(f"unknown export format {fmt!r}; available: {', '.join(FORMATS)}")
+    check_writable_file(output, "export file")
     detector = anomalens.load(model_file)
     path = export_onnx(detector, output)
     console.print(

@@ -7,20 +7,20 @@ library stays quiet inside tests, services and notebooks that don't ask for them
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
-T = TypeVar("T")
 _forced: bool | None = None
 
 
@@ -70,6 +70,16 @@ class _Nested:
         return getattr(self._outer, name)
 
 
+class RateColumn(ProgressColumn):
+    """Items per second, for bars whose task names its `unit` (such as `img`)."""
+
+    def render(self, task: Any) -> Text:
+        unit = task.fields.get("unit")
+        if not unit or not task.speed:
+            return Text("")
+        return Text(f"{task.speed:.1f} {unit}/s")
+
+
 _active: list[_Progress] = []
 
 
@@ -85,17 +95,7 @@ def make_progress() -> Progress:
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
+        RateColumn(),
         TextColumn("{task.fields[info]}"),
         disable=not enabled(),
     )
-
-
-def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    """Iterate over `items` with a progress bar; `total` defaults to len(items)."""
-    if total is None and hasattr(items, "__len__"):
-        total = len(items)  # type: ignore[arg-type]
-    with make_progress() as progress:
-        task = progress.add_task(description, total=total, info="")
-        for item in items:
-            yield item
-            progress.advance(task)

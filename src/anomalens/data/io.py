@@ -87,7 +87,8 @@ def to_rgb_array(image: ImageLike) -> np.ndarray:
 def list_images(folder: str | os.PathLike[str]) -> list[Path]:
     """Image files directly inside ``folder`` (not recursive), sorted by name.
 
-    Hidden files (names starting with ``.``, such as macOS ``._x.png`` forks) are skipped.
+    Hidden files (names starting with ``.``, such as macOS ``._x.png`` forks) are skipped;
+    dangling links are listed, so that reading them reports them.
     """
     folder = Path(folder)
     images = _image_files(folder)
@@ -103,10 +104,13 @@ def _image_files(folder: Path) -> list[Path]:
         raise DataError(f"folder not found: {folder}")
     if not folder.is_dir():
         raise DataError(f"folder not found: {folder} is not a directory")
+    # A dangling link stays in the list: reading it then says so, rather than dropping it.
     files = (
         p
         for p in folder.iterdir()
-        if not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        if not p.name.startswith(".")
+        and p.suffix.lower() in IMAGE_EXTENSIONS
+        and (p.is_file() or (p.is_symlink() and not p.exists()))
     )
     return sorted(files, key=lambda p: p.name)
 
@@ -136,7 +140,9 @@ def _read(
     except ImageReadError:
         raise
     except FileNotFoundError as exc:
-        raise ImageReadError(f"cannot read image {path}: file not found") from exc
+        broken = isinstance(path, str | os.PathLike) and os.path.islink(path)
+        reason = f"dangling link to {os.readlink(path)}" if broken else "file not found"
+        raise ImageReadError(f"cannot read image {path}: {reason}") from exc
     except IsADirectoryError as exc:
         raise ImageReadError(f"cannot read image {path}: is a directory") from exc
     except UnidentifiedImageError as exc:

@@ -100,7 +100,9 @@ def iter_batches(
     consecutive images of the same resized shape (a folder of one camera's images batches fully;
     mixed shapes are scored in smaller batches), in the input order."""
     with make_progress() as bar:
-        task = bar.add_task(progress or "", total=len(images), info="", visible=bool(progress))
+        task = bar.add_task(
+            progress or "", total=len(images), info="", unit="img", visible=bool(progress)
+        )
         for start in range(0, len(images), batch_size):
             arrays = [to_rgb_array(image) for image in images[start : start + batch_size]]
             resized = [resize_image(array, size, mode) for array in arrays]

@@ -107,7 +107,7 @@ class Tiled(Detector):
         scores: list[float] = []
         maps: list[np.ndarray | None] = []
         with make_progress() as progress, torch.inference_mode():
-            task = progress.add_task(description, total=len(images), info="")
+            task = progress.add_task(description, total=len(images), info="", unit="img")
             for image in images:
                 array = to_rgb_array(image)
                 score, stitcher = self._score_image(array)
