@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from anomalens.cli import main
+from anomalens.evaluation.viz import REGION_COLOUR
 
 
 def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
@@ -107,6 +110,16 @@ def test_evaluate_writes_metrics_json(model_file, brick, tmp_path, monkeypatch, 
     page = (tmp_path / "report" / "index.html").read_text()
     assert page.count("data:image/png;base64,") == 14
     assert len(list((tmp_path / "report" / "overlays").glob("*/*.png"))) == 14
+    regions = json.loads((tmp_path / "report" / "regions.json").read_text())
+    assert len(regions) == 14 and page.count(", largest ") == sum(map(bool, regions.values())) > 0
+    name, (first, *_) = next((name, found) for name, found in regions.items() if found)
+    x0, y0, x1, y1 = first["box"]
+    picture = np.asarray(
+        Image.open(tmp_path / "report" / "overlays" / Path(name).with_suffix(".png"))
+    )
+    assert (picture[y0, x0:x1] == REGION_COLOUR).all() and (
+        picture[y0:y1, x1 - 1] == REGION_COLOUR
+    ).all()
 
 
 @pytest.mark.parametrize(

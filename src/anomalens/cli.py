@@ -258,18 +258,31 @@ def _metrics_table(title: str, rows: list[tuple[str, dict[str, Any]]]) -> Table:
 
 
 def _write_report(evaluation: Evaluation, detector: Scorer, out: Path, title: str) -> Path:
+    """Overlays, regions.json (each image's defect regions) and the HTML results page."""
     rows = []
+    regions: dict[str, list[dict[str, Any]]] = {}
     for sample, result in zip(evaluation.samples, evaluation.predictions, strict=True):
         image = to_rgb_array(sample.path)
         picture = image
         if result.anomaly_map is not None:
-            picture = overlay(image, result.anomaly_map, detector.pixel_threshold_, result.mask)
+            picture = overlay(
+                image,
+                result.anomaly_map,
+                detector.pixel_threshold_,
+                result.mask,
+                regions=result.regions,
+            )
         name = f"{sample.defect}/{sample.path.name}"
         save_png(picture, out / "overlays" / sample.defect / f"{sample.path.stem}.png")
-        rows.append(ResultRow(name, result.score, result.label, picture, sample.defect))
-    return write_results_page(
+        rows.append(
+            ResultRow(name, result.score, result.label, picture, sample.defect, result.regions)
+        )
+        regions[name] = [region.to_dict() for region in result.regions]
+    page = write_results_page(
         out / "index.html", title, rows, evaluation.metrics, detector.image_threshold_
     )
+    (out / "regions.json").write_text(json.dumps(regions, indent=2), encoding="utf-8")
+    return page
 
 
 @app.command()

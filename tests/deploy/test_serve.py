@@ -128,7 +128,17 @@ def test_predict_several_images_with_heatmaps(server, ranked, patchcore_files) -
         assert result["normalized_score"] == pytest.approx(result["score"] / result["threshold"])
         heatmap = Image.open(io.BytesIO(base64.b64decode(result["heatmap_png"])))
         assert heatmap.mode == "RGBA" and heatmap.size == (result["width"], result["height"])
+        assert result["regions"] == [
+            {key: pytest.approx(value, rel=1e-5) for key, value in region.to_dict().items()}
+            for region in prediction.regions
+        ]
     assert results[0]["label"] == "anomalous" and results[1]["score"] < results[0]["score"]
+    assert results[0]["regions"] and not results[1]["anomalous"] and results[1]["regions"] == []
+    for region in results[0]["regions"]:  # boxes and centroids in the image's own pixels
+        x0, y0, x1, y1 = region["box"]
+        assert 0 <= x0 < x1 <= results[0]["width"] and 0 <= y0 < y1 <= results[0]["height"]
+        assert x0 <= region["centroid"][0] < x1 and y0 <= region["centroid"][1] < y1
+        assert region["area"] <= (x1 - x0) * (y1 - y0) and region["max_score"] > 0
     assert (results[2]["width"], results[2]["height"]) == (200, 120)
     # the heatmap is opaque where the map is high: its peak lies where the anomaly map peaks
     alpha = np.asarray(Image.open(io.BytesIO(base64.b64decode(results[0]["heatmap_png"]))))[..., 3]
@@ -136,6 +146,32 @@ def test_predict_several_images_with_heatmaps(server, ranked, patchcore_files) -
     assert alpha[peak] == alpha.max() > 0
     assert plain["results"][0]["heatmap_png"] is None
     assert plain["results"][0]["score"] == results[0]["score"]
+    assert plain["results"][0]["regions"] == results[0]["regions"]
+
+
+def test_min_region_area_leaves_out_small_regions(server, ranked) -> None:
+    _, defect = ranked[-1]
+    files = [("file", ("defect.png", defect.read_bytes(), "image/png"))]
+    with httpx.Client(base_url=server, timeout=60) as client:
+        (every,) = client.post("/v1/predict", files=files).json()["results"]
+        areas = sorted(region["area"] for region in every["regions"])
+        cut = areas[-1]  # keeps the largest region(s) only
+        (large,) = client.post("/v1/predict", params={"min_region_area": cut}, files=files).json()[
+            "results"
+        ]
+        (none,) = client.post(
+            "/v1/predict", params={"min_region_area": areas[-1] + 1}, files=files
+        ).json()["results"]
+        refused = [
+            client.post("/v1/predict", params={"min_region_area": bad}, files=files)
+            for bad in ("-1", "2.5", "many")
+        ]
+    assert [r for r in every["regions"] if r["area"] >= cut] == large["regions"] != []
+    assert none["anomalous"] and none["regions"] == [] and none["score"] == every["score"]
+    for response in refused:
+        assert response.status_code == 422, response.text
+        body = response.json()
+        assert body["error"] == "invalid_request" and "min_region_area" in body["detail"]
 
 
 def _multipart_stream(size: int) -> Iterator[bytes]:
@@ -256,11 +292,11 @@ def test_health_answers_while_inference_is_busy(running, brick, monkeypatch) -> 
     detector = app.state.service.detector
     real_predict = detector.predict
 
-    def slow_predict(images):
+    def slow_predict(images, **options):
         """The real model, made slow like a large one: 1.5 s a call, the GIL released as in
         real inference."""
         time.sleep(1.5)
-        return real_predict(images)
+        return real_predict(images, **options)
 
     monkeypatch.setattr(detector, "predict", slow_predict)
     files = {"file": ("hole.png", (brick / "test" / "hole" / "000.png").read_bytes(), "image/png")}
@@ -305,6 +341,7 @@ def test_web_page_shows_verdict_and_heatmap(server, ranked, tmp_path) -> None:
             sync_api.expect(page.locator("#model")).to_contain_text("patchcore")
             page.set_input_files("#file", str(defect))
             sync_api.expect(page.locator("#verdict")).to_have_text("ANOMALOUS", timeout=30_000)
+            sync_api.expect(page.locator("#regions")).to_contain_text("defect region")
             page.wait_for_function("document.getElementById('heatmap').naturalWidth > 0")
             assert page.get_attribute("#heatmap", "src").startswith("data:image/png;base64,")
             box, heat = (
@@ -318,6 +355,7 @@ def test_web_page_shows_verdict_and_heatmap(server, ranked, tmp_path) -> None:
             page.set_input_files("#file", str(normal))
             sync_api.expect(page.locator("#history li")).to_have_count(2, timeout=30_000)
             sync_api.expect(page.locator("#filename")).to_contain_text(normal.name)
+            sync_api.expect(page.locator("#regions")).to_have_text("")
             page.set_input_files("#file", str(not_an_image))
             sync_api.expect(page.locator("#error")).to_contain_text("not a supported image")
             page.locator("#history li").nth(1).click()

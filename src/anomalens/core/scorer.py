@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from anomalens.components.maps import resize_maps
+from anomalens.components.regions import check_min_area, find_regions
 from anomalens.core.prediction import Prediction
 from anomalens.core.thresholds import f1_optimal_threshold, pixel_f1_optimal_threshold
 from anomalens.data.io import decode_mask, encode_mask, stretch_mask
@@ -83,11 +84,16 @@ class Scorer:
         self.roi_ = None if fitted.get("roi") is None else decode_mask(fitted["roi"])
 
     # ---- inference -------------------------------------------------------------------------
-    def predict(self, images: Sequence[ImageLike]) -> list[Prediction]:
-        """Score, label, anomaly map (HxW at the image's own size) and mask for every image."""
+    def predict(self, images: Sequence[ImageLike], *, min_region_area: int = 0) -> list[Prediction]:
+        """Score, label, anomaly map (HxW at the image's own size), mask and, for an image labelled
+        anomalous, the mask's regions of at least `min_region_area` pixels, for every image."""
+        min_region_area = check_min_area(min_region_area, "min_region_area")
         self._check_fitted()
         scores, maps = self._score_all(list(images), "predicting", full_size=True)
-        return [self._prediction(score, m) for score, m in zip(scores, maps, strict=True)]
+        return [
+            self._prediction(score, m, min_region_area)
+            for score, m in zip(scores, maps, strict=True)
+        ]
 
     def decision_function(self, images: Sequence[ImageLike]) -> np.ndarray:
         """Anomaly scores only (higher = more anomalous), like PyOD's `decision_function`."""
@@ -102,9 +108,15 @@ class Scorer:
         self._apply_roi(scores, maps, [(0, 0, *pixels.shape[-2:])] * len(scores))
         return scores, maps
 
-    def _prediction(self, score: float, anomaly_map: np.ndarray | None) -> Prediction:
-        mask = None if anomaly_map is None else anomaly_map > self.pixel_threshold_
-        return Prediction(float(score), bool(score > self.image_threshold_), anomaly_map, mask)
+    def _prediction(
+        self, score: float, anomaly_map: np.ndarray | None, min_region_area: int
+    ) -> Prediction:
+        label = bool(score > self.image_threshold_)
+        if anomaly_map is None:
+            return Prediction(float(score), label)
+        mask = anomaly_map > self.pixel_threshold_
+        regions = find_regions(anomaly_map, mask, min_region_area) if label else ()
+        return Prediction(float(score), label, anomaly_map, mask, regions)
 
     def _score_all(
         self, images: list[ImageLike], description: str, full_size: bool = False

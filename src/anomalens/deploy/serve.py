@@ -1,9 +1,10 @@
 """HTTP inspection service: `anomalens serve MODEL` (FastAPI + uvicorn).
 
-- `POST /v1/predict[?heatmap=true]`: one or more images as multipart field `file`; per image the
-  score, verdict, threshold, normalised score (score / threshold), size and, when asked, the
-  anomaly map as a base64 RGBA PNG heatmap (colours of `anomalens.evaluation.viz`, transparent
-  where normal).
+- `POST /v1/predict[?heatmap=true&min_region_area=N]`: one or more images as multipart field
+  `file`; per image the score, verdict, threshold, normalised score (score / threshold), size,
+  the defect regions of an anomalous image (`Region.to_dict()`, at least N pixels each) and, when
+  asked, the anomaly map as a base64 RGBA PNG heatmap (colours of `anomalens.evaluation.viz`,
+  transparent where normal).
 - `GET /v1/model`: model name, parameters, thresholds, training-set size, format version.
 - `GET /healthz`; OpenAPI docs at `/docs`; an inspection web page at `/`.
 
@@ -14,7 +15,7 @@ while the event loop stays free for health checks.
 Bad input is a 4xx JSON error `{"error", "detail"}`: a body over `max_upload_bytes` or more than
 `max_files` files (413), not multipart or a part that is not an image (415), an empty or missing
 upload (400), bytes that do not decode or an image of more than `max_pixels` (422; a request's
-images together may have 4 x `max_pixels`).
+images together may have 4 x `max_pixels`), a bad query parameter (422).
 """
 
 from __future__ import annotations
@@ -79,6 +80,17 @@ class ServiceError(Exception):
 
 
 # ---- response schemas (OpenAPI) ---------------------------------------------------------------
+class RegionResult(BaseModel):
+    box: list[int] = Field(
+        description="[x0, y0, x1, y1] in pixels of the uploaded image, x1 and y1 exclusive."
+    )
+    area: int = Field(description="Pixels in the region.")
+    area_fraction: float = Field(description="area / the image's pixels.")
+    centroid: list[float] = Field(description="[x, y], the mean of the region's pixel indices.")
+    max_score: float = Field(description="The anomaly map's maximum over the region.")
+    mean_score: float = Field(description="The anomaly map's mean over the region.")
+
+
 class ImageResult(BaseModel):
     filename: str
     score: float = Field(description="Anomaly score; higher = more anomalous.")
@@ -90,6 +102,10 @@ class ImageResult(BaseModel):
     )
     width: int
     height: int
+    regions: list[RegionResult] = Field(
+        description="An anomalous image's defect regions (connected components of its mask), "
+        "highest max_score first; empty for a normal image or a model without maps."
+    )
     heatmap_png: str | None = Field(
         None,
         description="With ?heatmap=true: base64 RGBA PNG of the anomaly map at the image's "
@@ -118,7 +134,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         400: "empty or missing upload, malformed multipart body",
         413: "request body over the size limit, or too many files",
         415: "not multipart/form-data, or a part that is not an image",
-        422: "not a decodable image, or more pixels than the limit",
+        422: "not a decodable image, more pixels than the limit, or a bad query parameter",
     }.items()
 }
 
@@ -165,18 +181,24 @@ class Service:
             },
         }
 
-    async def inspect(self, parts: list[tuple[str, bytes]], heatmap: bool) -> list[ImageResult]:
+    async def inspect(
+        self, parts: list[tuple[str, bytes]], heatmap: bool, min_region_area: int
+    ) -> list[ImageResult]:
         """Decode, score and describe the uploads on the inference thread (one hop off the event
         loop and back: on a busy machine every thread hand-over costs a scheduling delay)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self._inspect, parts, heatmap)
+        return await loop.run_in_executor(
+            self.executor, self._inspect, parts, heatmap, min_region_area
+        )
 
-    def _inspect(self, parts: list[tuple[str, bytes]], heatmap: bool) -> list[ImageResult]:
+    def _inspect(
+        self, parts: list[tuple[str, bytes]], heatmap: bool, min_region_area: int
+    ) -> list[ImageResult]:
         try:
             arrays = _decode_all(parts, self.settings.max_pixels)
         except ImageReadError as error:
             raise ServiceError(422, "unreadable_image", str(error)) from error
-        predictions = self.detector.predict(arrays)
+        predictions = self.detector.predict(arrays, min_region_area=min_region_area)
         return [
             self.result(name, image, prediction, heatmap)
             for (name, _), image, prediction in zip(parts, arrays, predictions, strict=True)
@@ -198,6 +220,7 @@ class Service:
             normalized_score=prediction.score / threshold if threshold > 0 else None,
             width=image.shape[1],
             height=image.shape[0],
+            regions=[RegionResult(**region.to_dict()) for region in prediction.regions],
             heatmap_png=png,
         )
 
@@ -384,8 +407,11 @@ def create_app(settings: Settings) -> FastAPI:
         heatmap: Annotated[
             bool, Query(description="Include the anomaly map as a base64 PNG heatmap.")
         ] = False,
+        min_region_area: Annotated[
+            int, Query(ge=0, description="Leave out defect regions of fewer pixels than this.")
+        ] = 0,
     ) -> PredictResponse:
-        """Score images: verdict, score against the threshold, optional heatmap."""
+        """Score images: verdict, score against the threshold, defect regions, optional heatmap."""
         if len(file) > settings.max_files:
             raise ServiceError(
                 413, "too_many_files", f"{len(file)} files; at most {settings.max_files}"
@@ -394,7 +420,7 @@ def create_app(settings: Settings) -> FastAPI:
         for upload in file:
             data = await upload.read()
             parts.append((_check_part(upload, data), data))
-        results = await service.inspect(parts, heatmap)
+        results = await service.inspect(parts, heatmap, min_region_area)
         return PredictResponse(model_id=service.model_id, results=results)
 
     return app

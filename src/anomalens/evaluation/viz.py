@@ -14,7 +14,13 @@ from matplotlib import colormaps
 from PIL import Image
 from scipy import ndimage
 
+from anomalens.components.regions import Region
 from anomalens.evaluation.report import write_page
+
+REGION_COLOUR = (255, 0, 255)
+"""Magenta: the region boxes stand out from the heatmap's 'jet' colours and the white outline."""
+REGION_LINE = 2
+"""Width of a region box's lines, pixels."""
 
 
 def heatmap_rgb(anomaly_map: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
@@ -44,8 +50,10 @@ def overlay(
     threshold: float,
     mask: np.ndarray | None = None,
     opacity: float = 0.6,
+    regions: Sequence[Region] = (),
 ) -> np.ndarray:
-    """The image with its heatmap blended in and the predicted mask outlined in white."""
+    """The image with its heatmap blended in, the predicted mask outlined in white and each
+    region's box drawn in magenta (inside the box's edge)."""
     colours, level = heatmap_rgb(anomaly_map, threshold)
     alpha = (opacity * level)[..., None]
     blended = image.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha
@@ -53,6 +61,12 @@ def overlay(
     if mask is not None and mask.any():
         edge = mask & ~ndimage.binary_erosion(mask, iterations=max(1, min(mask.shape) // 200))
         result[edge] = 255
+    for region in regions:
+        x0, y0, x1, y1 = region.box
+        result[y0 : min(y0 + REGION_LINE, y1), x0:x1] = REGION_COLOUR
+        result[max(y1 - REGION_LINE, y0) : y1, x0:x1] = REGION_COLOUR
+        result[y0:y1, x0 : min(x0 + REGION_LINE, x1)] = REGION_COLOUR
+        result[y0:y1, max(x1 - REGION_LINE, x0) : x1] = REGION_COLOUR
     return result
 
 
@@ -81,6 +95,7 @@ class ResultRow:
     label: bool
     overlay: np.ndarray
     truth: str = ""
+    regions: Sequence[Region] = ()
 
 
 def write_results_page(
@@ -100,15 +115,28 @@ def write_results_page(
         f'<figure class="{"bad" if r.label else "ok"}"><img src="{png_data_uri(r.overlay)}" '
         f'alt="{html.escape(r.name)}"><figcaption>{html.escape(r.name)}<br>score '
         f"{r.score:.4g} &rarr; <b>{'ANOMALOUS' if r.label else 'normal'}</b>"
+        f"{_regions_line(r.regions)}"
         f"{'<br>truth: ' + html.escape(r.truth) if r.truth else ''}</figcaption></figure>"
         for r in sorted(rows, key=lambda r: -r.score)
     )
     threshold_line = "" if threshold is None else f"<p>Image threshold: {threshold:.4g}</p>"
     body = f"""{threshold_line}<table>{metric_rows}</table>
-<p>Heatmap: blue = normal, red = anomalous; white outline = predicted defect mask.
+<p>Heatmap: blue = normal, red = anomalous; white outline = predicted defect mask;
+magenta boxes = its regions in an image classified anomalous.
 Red frame = classified anomalous.</p>{cards}"""
     style = (
         "figure{display:inline-block;margin:.4em;padding:.3em;border:3px solid #8c8;"
         "font-size:.8em}figure.bad{border-color:#d44}img{display:block;width:200px}"
     )
     return write_page(path, title, body, style)
+
+
+def _regions_line(regions: Sequence[Region]) -> str:
+    """A caption line: how many regions, and the largest one's area."""
+    if not regions:
+        return ""
+    largest = max(regions, key=lambda region: region.area)
+    return (
+        f"<br>{len(regions)} region{'s' if len(regions) > 1 else ''}, largest "
+        f"{largest.area} px ({largest.area_fraction:.2%})"
+    )
