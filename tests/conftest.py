@@ -1,4 +1,5 @@
-"""Shared fixtures: the synthetic demo category (small, fast) and a PatchCore fitted on it."""
+"""Shared fixtures: the synthetic demo category (small, fast), a PatchCore fitted on it and a
+folder of its normal images with two unreadable files among them."""
 
 from __future__ import annotations
 
@@ -31,6 +32,21 @@ def brick(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_category(
         root, "brick", seed=0, n_train=16, n_test_good=6, n_test_defect=8, image_size=128
     )
+
+
+@pytest.fixture
+def with_unreadable(brick: Path, tmp_path: Path) -> Path:
+    """A folder of 4 normal brick images, a truncated PNG (`cut.png`) and a text file named
+    `notes.png`."""
+    folder = tmp_path / "good"
+    folder.mkdir()
+    images = training_images(brick)[:4]
+    for path in images:
+        (folder / path.name).write_bytes(path.read_bytes())
+    data = images[0].read_bytes()
+    (folder / "cut.png").write_bytes(data[: len(data) // 2])
+    (folder / "notes.png").write_text("not an image\n", encoding="utf-8")
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import anomalens
 from anomalens.cli import main
 from anomalens.evaluation.viz import REGION_COLOUR
 
@@ -120,6 +121,46 @@ def test_evaluate_writes_metrics_json(model_file, brick, tmp_path, monkeypatch, 
     assert (picture[y0, x0:x1] == REGION_COLOUR).all() and (
         picture[y0:y1, x1 - 1] == REGION_COLOUR
     ).all()
+
+
+FIT_SMALL = ["--model", "padim", "--backbone", "handcrafted", "--image-size", "64"]
+
+
+def test_fit_skips_and_lists_unreadable_images(
+    with_unreadable, tmp_path, monkeypatch, capsys
+) -> None:
+    model = tmp_path / "m.safetensors"
+    code, stdout, stderr = run(monkeypatch, capsys, "fit", with_unreadable, "-o", model, *FIT_SMALL)
+    assert code == 0, stderr
+    assert stderr.splitlines() == [
+        f"skipped unreadable image: {with_unreadable / 'cut.png'} (image file is truncated)",
+        f"skipped unreadable image: {with_unreadable / 'notes.png'} (not a supported image file)",
+    ]
+    assert "skipped 2 unreadable image(s); saved" in " ".join(stdout.split())
+    loaded = anomalens.load(model)
+    assert [item["path"] for item in loaded.skipped_images_] == [
+        str(with_unreadable / "cut.png"),
+        str(with_unreadable / "notes.png"),
+    ]
+    code, stdout, _ = run(monkeypatch, capsys, "info", model)
+    assert code == 0 and "notes.png" in stdout
+
+
+@pytest.mark.parametrize("extra", [["--strict"], []])
+def test_fit_strict_or_too_few_readable_images_exits_2(
+    with_unreadable, extra, tmp_path, monkeypatch, capsys
+) -> None:
+    if not extra:  # one readable image is too few, strict or not
+        for path in sorted(with_unreadable.glob("00*.png"))[1:]:
+            path.unlink()
+    model = tmp_path / "m.safetensors"
+    code, _, stderr = run(
+        monkeypatch, capsys, "fit", with_unreadable, "-o", model, *FIT_SMALL, *extra
+    )
+    assert code == 2 and not model.exists()
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
+    message = "cannot read image" if extra else "got 1 (2 unreadable image(s) skipped)"
+    assert message in stderr
 
 
 @pytest.mark.parametrize(

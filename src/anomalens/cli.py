@@ -114,6 +114,13 @@ def fit(
     time_budget: Annotated[
         float, typer.Option(help="With --auto: seconds for the whole search and final fit.")
     ] = 600.0,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict/--no-strict",
+            help="Stop at the first unreadable training image instead of skipping it.",
+        ),
+    ] = False,
 ) -> None:
     """Fit a detector on normal images and save it."""
     check_writable_file(output, "model file")
@@ -129,7 +136,7 @@ def fit(
         clash = next((option for option, value in given.items() if value), None)
         if clash:
             raise AnomalensError(f"--auto chooses the detector and its settings; leave out {clash}")
-        _auto_fit(data, output, time_budget, 0 if seed is None else seed)
+        _auto_fit(data, output, time_budget, 0 if seed is None else seed, strict)
         return
     model = model or "patchcore"
     params = _parse_params(param or [])
@@ -150,29 +157,44 @@ def fit(
         model = f"{model} on {tile}-pixel tiles"
     images = training_images(data)
     console.print(f"fitting [bold]{model}[/] on {len(images)} normal images from {data}")
-    detector.fit(images, roi=roi)
+    detector.fit(images, roi=roi, strict=strict)
     detector.save(output)
+    skipped = _report_skipped(detector.skipped_images_)
     console.print(
         f"image threshold {detector.image_threshold_:.4g}, thresholds set on "
-        f"{detector.n_validation_images_} held-out normal images; saved {output}"
+        f"{detector.n_validation_images_} held-out normal images; {skipped}saved {output}"
     )
 
 
-def _auto_fit(data: Path, output: Path, time_budget: float, seed: int) -> None:
+def _auto_fit(data: Path, output: Path, time_budget: float, seed: int, strict: bool) -> None:
 
     images = training_images(data)
     console.print(
         f"choosing a detector for {len(images)} normal images from {data} "
         f"(time budget {time_budget:.0f} s)"
     )
-    detector, _ = auto_fit(images, time_budget_s=time_budget, seed=seed)
+    detector, _ = auto_fit(images, time_budget_s=time_budget, seed=seed, strict=strict)
     console.print(_selection_table(detector.selection_))
     detector.save(output)
     selection = detector.selection_
+    skipped = _report_skipped(detector.skipped_images_)
     console.print(
         f"chose [bold]{selection['chosen']}[/] in {selection['seconds']:.0f} s; "
-        f"image threshold {detector.image_threshold_:.4g}; saved {output}"
+        f"image threshold {detector.image_threshold_:.4g}; {skipped}saved {output}"
     )
+
+
+def _report_skipped(skipped: list[dict[str, str]]) -> str:
+    """Print one line on stderr per unreadable training image left out; return the count for
+    the summary line ("" when none)."""
+    for item in skipped:
+        errors.print(
+            f"skipped unreadable image: {item['path']} ({item['reason']})",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+    return f"skipped {len(skipped)} unreadable image(s); " if skipped else ""
 
 
 def _selection_table(selection: dict[str, Any]) -> Table:

@@ -16,7 +16,7 @@ from anomalens.cli import app, main
 from anomalens.data.augment import SYNTHETIC_KINDS, synthetic_anomalies, synthetic_anomaly
 from anomalens.data.mvtec import training_images
 from anomalens.data.synthetic import normal_crop
-from anomalens.errors import AnomalensError, ParameterError
+from anomalens.errors import AnomalensError, ImageReadError, ParameterError
 from anomalens.evaluation import selection
 from anomalens.evaluation.selection import auto_fit, candidate
 
@@ -134,6 +134,20 @@ def test_cli_fit_auto(brick: Path, tmp_path: Path, monkeypatch) -> None:
         "patchcore 32",
         "patchcore 64",
     }
+
+
+def test_cli_fit_auto_skips_unreadable_images(with_unreadable, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(selection, "default_candidates", lambda non_square: [BLIND])
+    model = tmp_path / "auto.safetensors"
+    args = ["fit", str(with_unreadable), "-o", str(model), "--auto"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "skipped unreadable image: " in result.output
+    assert "skipped 2 unreadable image(s)" in " ".join(result.output.split())
+    skipped = anomalens.load(model).skipped_images_
+    assert [Path(item["path"]).name for item in skipped] == ["cut.png", "notes.png"]
+    with pytest.raises(ImageReadError, match=r"cut\.png"):
+        auto_fit(training_images(with_unreadable), [BLIND], strict=True)
 
 
 def test_cli_fit_auto_refuses_a_model_choice(brick, tmp_path, monkeypatch, capsys) -> None:

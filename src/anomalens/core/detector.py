@@ -23,12 +23,13 @@ from typing import Any, ClassVar, Self
 import numpy as np
 import torch
 
+from anomalens import progress
 from anomalens.core.model_file import model_config, write_model_file
 from anomalens.core.scorer import Scorer
 from anomalens.core.thresholds import threshold_at_fpr
-from anomalens.data.io import region_of_interest, stretch_mask
+from anomalens.data.io import load_image, region_of_interest, stretch_mask, to_rgb_array
 from anomalens.data.preprocessing import ImageLike
-from anomalens.errors import DataError, ExportError, ParameterError
+from anomalens.errors import DataError, ExportError, ImageReadError, ParameterError
 
 
 class Detector(Scorer):
@@ -106,16 +107,23 @@ class Detector(Scorer):
         return f"{type(self).__name__}({params})"
 
     # ---- learning -------------------------------------------------------------------------
-    def fit(self, images: Sequence[ImageLike], *, roi: ImageLike | None = None) -> Self:
+    def fit(
+        self, images: Sequence[ImageLike], *, roi: ImageLike | None = None, strict: bool = False
+    ) -> Self:
         """Learn from normal images only, then set thresholds on a held-out part of them.
 
         `roi`: a region-of-interest mask (path or array; white / nonzero = inspect), stretched to
         each image. Maps are zeroed outside it and the image score becomes the map's maximum
         inside it; it is stored in the model file. Only map-producing methods take one.
+        Image files that cannot be read (corrupt, truncated, not images) are left out and listed
+        in `skipped_images_` and the model file; with `strict` the first one raises its
+        `ImageReadError` instead.
         """
-        images = list(images)
+        images, skipped = readable_images(images, strict)
         if len(images) < 2:
-            raise DataError(f"fit needs at least 2 normal images, got {len(images)}")
+            raise DataError(
+                f"fit needs at least 2 normal images, got {len(images)}{skipped_note(skipped)}"
+            )
         if roi is not None and not self.produces_maps:
             raise ParameterError(f"{self.name} gives no anomaly map, so it cannot take an roi")
         self.roi_ = None if roi is None else region_of_interest(roi)
@@ -134,6 +142,7 @@ class Detector(Scorer):
             self.pixel_threshold_ = None
         self.n_validation_images_ = len(held_out)
         self.threshold_source_ = "normal"
+        self.skipped_images_ = skipped
         return self
 
     def _fit_and_score_held_out(
@@ -182,7 +191,11 @@ class Detector(Scorer):
     def fitted_config(self) -> dict[str, Any]:
         """Fitted scalars saved in the model file's JSON config (with `auto_fit`'s table of
         candidates, `selection_`, when it chose this model)."""
-        config = {**self.threshold_config(), **self._fitted_fields()}
+        config = {
+            **self.threshold_config(),
+            "skipped_images": self.skipped_images_,
+            **self._fitted_fields(),
+        }
         if getattr(self, "selection_", None) is not None:
             config["selection"] = self.selection_
         return config
@@ -193,6 +206,7 @@ class Detector(Scorer):
     def restore(self, tensors: dict[str, torch.Tensor], fitted: dict[str, Any]) -> None:
         """Rebuild fitted state from a model file's tensors and fitted config."""
         self.restore_thresholds(fitted)
+        self.skipped_images_ = fitted.get("skipped_images", [])  # none in older model files
         self._restore_fields(fitted)
         if "selection" in fitted:
             self.selection_ = fitted["selection"]
@@ -227,6 +241,36 @@ class Detector(Scorer):
 
     def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
+
+
+def readable_images(
+    images: Sequence[ImageLike], strict: bool = False, *, as_arrays: bool = False
+) -> tuple[list[ImageLike], list[dict[str, str]]]:
+    """The images whose files can be read (arrays and PIL images pass unchecked) and, for each
+    file that cannot, its path and the reason; with `strict` the first such file raises its
+    `ImageReadError`. Each file is decoded and dropped, so memory stays bounded, unless
+    `as_arrays` (for a caller that holds them all anyway) returns every image as an array."""
+    readable: list[ImageLike] = []
+    skipped: list[dict[str, str]] = []
+    for image in progress.track(images, "reading images"):
+        if not isinstance(image, str | os.PathLike):
+            readable.append(to_rgb_array(image) if as_arrays else image)
+            continue
+        try:
+            array = load_image(image)
+        except ImageReadError as error:
+            if strict:
+                raise
+            reason = str(error).removeprefix(f"cannot read image {image}: ")
+            skipped.append({"path": str(image), "reason": reason})
+        else:
+            readable.append(array if as_arrays else image)
+    return readable, skipped
+
+
+def skipped_note(skipped: list[dict[str, str]]) -> str:
+    """How error messages mention the unreadable images left out, if any."""
+    return f" ({len(skipped)} unreadable image(s) skipped)" if skipped else ""
 
 
 class ScoreGraph(torch.nn.Module):

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from anomalens.core.detector import readable_images, skipped_note
 from anomalens.core.registry import create, model_class
 from anomalens.data.augment import SYNTHETIC_KINDS, synthetic_anomalies
-from anomalens.data.io import to_rgb_array
 from anomalens.data.preprocessing import ImageLike
 from anomalens.errors import AnomalensError, DataError
 from anomalens.evaluation.metrics import image_auroc, pixel_auroc
@@ -120,17 +120,20 @@ def auto_fit(
     held_out: int = 16,
     anomalies_per_image: int = 2,
     kinds: Sequence[str] = SYNTHETIC_KINDS,
+    strict: bool = False,
 ) -> tuple[Any, list[dict[str, Any]]]:
     """Choose among `candidates` (default: `default_candidates()`) by their score on synthetic
     anomalies (see the module docstring), refit the winner on all `images` and return it with
     the table of candidates (also in its `selection_`). At most `max_fit_images` images fit each
     candidate and `held_out` are held out; `kinds` are the synthetic anomalies pasted (default:
     all). The same `seed` gives the same choice, as long as the time budget does not cut the
-    search."""
+    search. Unreadable image files are skipped and listed as `fit` does (`strict`: raise)."""
     started = time.perf_counter()
-    arrays = [to_rgb_array(image) for image in images]
+    arrays, skipped = readable_images(images, strict, as_arrays=True)
     if len(arrays) < 4:
-        raise DataError(f"auto_fit needs at least 4 normal images, got {len(arrays)}")
+        raise DataError(
+            f"auto_fit needs at least 4 normal images, got {len(arrays)}{skipped_note(skipped)}"
+        )
     if candidates is None:
         candidates = default_candidates(any(a.shape[0] != a.shape[1] for a in arrays))
     if not candidates:
@@ -193,6 +196,7 @@ def auto_fit(
     winner["chosen"] = True
     detector = create(winner["model"], **{"seed": seed, **winner["params"]})
     detector.fit(arrays)
+    detector.skipped_images_ = skipped
     detector.selection_ = {
         "chosen": winner["candidate"],
         "score": SCORE,
