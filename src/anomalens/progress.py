@@ -7,7 +7,8 @@ library stays quiet inside tests, services and notebooks that don't ask for them
 from __future__ import annotations
 
 import sys
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 from rich.progress import (
     BarColumn,
@@ -21,6 +22,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
+T = TypeVar("T")
 _forced: bool | None = None
 
 
@@ -99,3 +101,17 @@ def make_progress() -> Progress:
         TextColumn("{task.fields[info]}"),
         disable=not enabled(),
     )
+
+
+def track(
+    items: Iterable[T], description: str, total: int | None = None, unit: str | None = None
+) -> Iterator[T]:
+    """Iterate over `items` with a progress bar; `total` defaults to len(items); `unit` (such as
+    `img`) shows the rate."""
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)  # type: ignore[arg-type]
+    with make_progress() as progress:
+        task = progress.add_task(description, total=total, info="", unit=unit)
+        for item in items:
+            yield item
+            progress.advance(task)

@@ -252,7 +252,7 @@ def readable_images(
     `as_arrays` (for a caller that holds them all anyway) returns every image as an array."""
     readable: list[ImageLike] = []
     skipped: list[dict[str, str]] = []
-    for image in progress.track(images, "reading images"):
+    for image in progress.track(images, "reading images", unit="img"):
         if not isinstance(image, str | os.PathLike):
             readable.append(to_rgb_array(image) if as_arrays else image)
             continue

@@ -149,7 +149,9 @@ def _inspect_chunk(
 def _write_overlay(
     path: Path, image: np.ndarray, prediction: Prediction, threshold: float | None
 ) -> None:
-    picture = overlay(image, prediction.anomaly_map, threshold, prediction.mask, prediction.regions)
+    picture = overlay(
+        image, prediction.anomaly_map, threshold, prediction.mask, regions=prediction.regions
+    )
     buffer = io.BytesIO()
     Image.fromarray(picture).save(buffer, format="PNG")
     replace_atomically(buffer.getvalue(), path)
@@ -272,7 +274,11 @@ class ParquetResults(ResultsStore):
             os.replace(self.final, self.parts / _part_name(0))
         parts = self._part_files()
         self._next = int(parts[-1].stem.split("-")[1]) + 1 if parts else 0
-        return {path for part in parts for path in pq.read_table(part, columns=["path"])["path"]}
+        return {
+            path
+            for part in parts
+            for path in pq.read_table(part, columns=["path"])["path"].to_pylist()
+        }
 
     def append(self, rows: list[dict[str, Any]]) -> None:
         table = pa.Table.from_pylist(rows, schema=SCHEMA)
