@@ -248,15 +248,23 @@ def predict(
     check_writable_folder(out, "--out folder")
     detector = anomalens.load(model_file)
     collected = collect_inputs(inputs, recursive=recursive)
-    summary = inspect_images(
-        detector,
-        collected,
-        out,
-        fmt=fmt,
-        resume=resume,
-        overlays=overlays,
-        min_region_area=min_region_area,
-    )
+    try:
+        summary = inspect_images(
+            detector,
+            collected,
+            out,
+            fmt=fmt,
+            resume=resume,
+            overlays=overlays,
+            min_region_area=min_region_area,
+        )
+    except KeyboardInterrupt:
+        errors.print(
+            f"interrupted: every row finished so far is kept in {out}; run the same command "
+            "with --resume to go on",
+            highlight=False,
+        )
+        raise typer.Exit(130) from None
     kept = f" ({summary.kept} kept from before)" if summary.kept else ""
     console.print(
         f"{summary.scored} images scored{kept}, {summary.anomalous} anomalous; "

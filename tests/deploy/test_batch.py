@@ -99,6 +99,28 @@ def test_kill_9_then_resume_loses_nothing(patchcore_files, many_images, tmp_path
     assert not partial.exists()
 
 
+def test_ctrl_c_keeps_the_rows_and_says_how_to_resume(
+    patchcore_files, many_images, tmp_path
+) -> None:
+    model, _ = patchcore_files
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        _command(model, many_images, out), env=env, stderr=subprocess.PIPE, text=True
+    )
+    partial = out / "results.csv.partial"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (
+        partial.exists() and partial.read_bytes().count(b"\n") > 10
+    ):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "--resume" in stderr and "Traceback" not in stderr
+    assert len(_rows(partial)) >= 10
+
+
 def test_rows_keep_relative_paths_and_regions(fitted_patchcore, brick, tmp_path) -> None:
     found = collect_inputs([brick / "test" / "good", brick / "test" / "hole"])
     summary = inspect_images(fitted_patchcore, found, tmp_path / "out")
