@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -241,11 +242,15 @@ def predict(
     min_region_area: Annotated[
         int, typer.Option(help="Defect regions smaller than this many pixels are dropped.")
     ] = 0,
+    threads: Annotated[
+        int | None, typer.Option(help="Compute threads (default: torch's choice).")
+    ] = None,
 ) -> None:
     """Score images; stream one results row per image (path, relative_path, score, label,
     regions, overlay, error) and write heatmap overlays under out/overlays/<relative path>."""
     check_choice("--format", fmt, BATCH_FORMATS)
     check_writable_folder(out, "--out folder")
+    _set_threads(threads)
     detector = anomalens.load(model_file)
     collected = collect_inputs(inputs, recursive=recursive)
     try:
@@ -274,6 +279,13 @@ def predict(
         errors.print(f"[red]skipped[/] {path}: {reason}", highlight=False)
     if summary.failed:
         raise typer.Exit(2)
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise AnomalensError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
 
 
 def _metrics_table(title: str, rows: list[tuple[str, dict[str, Any]]]) -> Table:
@@ -329,12 +341,16 @@ def evaluate(
     out: Annotated[
         Path | None, typer.Option("--out", help="Also write overlays and an HTML page here.")
     ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="Compute threads (default: torch's choice).")
+    ] = None,
 ) -> None:
     """Metrics on an MVTec-layout test split (image AUROC/AUPR/F1-max, pixel AUROC, AUPRO)."""
     if json_file is not None:
         check_writable_file(json_file, "--json file")
     if out is not None:
         check_writable_folder(out, "--out folder")
+    _set_threads(threads)
     detector = anomalens.load(model_file)
     evaluation = evaluate_model(detector, data)
     console.print(_metrics_table(f"{detector.name} on {data}", [(data.name, evaluation.metrics)]))

@@ -127,6 +127,8 @@ def test_rows_keep_relative_paths_and_regions(fitted_patchcore, brick, tmp_path)
     rows = _rows(summary.results)
     assert len(rows) == len(found.images) == summary.scored
     assert [row["relative_path"] for row in rows] == [i.relative for i in found.images]
+    direct = fitted_patchcore.predict([i.path for i in found.images])
+    assert [float(row["score"]) for row in rows] == [p.score for p in direct], "same, in order"
     assert {row["relative_path"].split("/")[0] for row in rows} == {"good", "hole"}
     for row in rows:
         regions = json.loads(row["regions"])

@@ -21,7 +21,9 @@ import io
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,8 @@ from anomalens.progress import make_progress
 
 COLUMNS = ("path", "relative_path", "score", "label", "regions", "overlay", "error")
 FORMATS = ("csv", "parquet")
+AHEAD = 2
+"""Chunks decoded ahead of the one being scored, and scored chunks waiting to be written."""
 OVERLAYS = "overlays"
 """The folder, under the output folder, holding one overlay per image at its relative path."""
 
@@ -97,35 +101,69 @@ def inspect_images(
     if pending_skips:
         store.append([_error_row(s.path, s.relative, s.reason) for s in pending_skips])
         summary.failed.extend((str(s.path), s.reason) for s in pending_skips)
-    images = inputs.images
+    plan = [
+        (chunk, {image.path for image in chunk if str(image.path) not in done})
+        for chunk in _chunks(inputs.images, scorer.batch_size)
+    ]
     with make_progress() as bar:
-        task = bar.add_task("inspecting", total=len(images), info="", unit="img")
-        bar.advance(task, sum(1 for image in images if str(image.path) in done))
-        for start in range(0, len(images), scorer.batch_size):
-            chunk = images[start : start + scorer.batch_size]
-            todo = [image for image in chunk if str(image.path) not in done]
-            if todo:
-                # The whole chunk is scored, as in an uninterrupted run: same batches, same scores.
-                rows = _inspect_chunk(scorer, chunk, out, overlays, min_region_area)
-                rows = [row for row, image in zip(rows, chunk, strict=True) if image in todo]
-                store.append(rows)
-                summary.scored += sum(1 for row in rows if not row["error"])
-                summary.anomalous += sum(1 for row in rows if row["label"] == 1)
-                summary.failed.extend((row["path"], row["error"]) for row in rows if row["error"])
-                bar.advance(task, len(todo))
+        task = bar.add_task("inspecting", total=len(inputs.images), info="", unit="img")
+        bar.advance(task, len(inputs.images) - sum(len(todo) for _, todo in plan))
+        for rows in _pipeline(
+            scorer, [p for p in plan if p[1]], out, store, overlays, min_region_area
+        ):
+            summary.scored += sum(1 for row in rows if not row["error"])
+            summary.anomalous += sum(1 for row in rows if row["label"] == 1)
+            summary.failed.extend((row["path"], row["error"]) for row in rows if row["error"])
+            bar.advance(task, len(rows))
     store.finish()
     return summary
 
 
-def _inspect_chunk(
+def _chunks(images: list[InputImage], size: int) -> list[list[InputImage]]:
+    """The batches of an uninterrupted run: a resumed run scores the same batches, so it gives the
+    same scores."""
+    return [images[start : start + size] for start in range(0, len(images), size)]
+
+
+def _pipeline(
     scorer: Scorer,
-    chunk: Sequence[InputImage],
+    plan: list[tuple[list[InputImage], set[Path]]],
     out: Path,
+    store: ResultsStore,
     overlays: bool,
     min_region_area: int,
-) -> list[dict[str, Any]]:
-    """One row per image of `chunk`, in order; overlays are written before their rows, so a
-    row on disk always has its overlay."""
+) -> Iterator[list[dict[str, Any]]]:
+    """Each planned chunk's new rows, in order, once they are on disk. Three stages overlap: a
+    reader thread decodes the next chunks, the caller's thread scores, a writer thread writes
+    overlays and then the rows (so a row on disk always has its overlay). At most `AHEAD` chunks
+    wait in each queue, so memory stays bounded; on an interrupt, the chunks already scored are
+    still written."""
+    with (
+        ThreadPoolExecutor(1, "anomalens-read") as reader,
+        ThreadPoolExecutor(1, "anomalens-write") as writer,
+    ):
+        reads = deque(reader.submit(_read_chunk, chunk) for chunk, _ in plan[:AHEAD])
+        writes: deque[Future[list[dict[str, Any]]]] = deque()
+        for index, (chunk, todo) in enumerate(plan):
+            if index + AHEAD < len(plan):
+                reads.append(reader.submit(_read_chunk, plan[index + AHEAD][0]))
+            arrays, rows = reads.popleft().result()
+            # The whole chunk is scored, as in an uninterrupted run: same batches, same scores.
+            predictions = (
+                scorer.predict(list(arrays.values()), min_region_area=min_region_area)
+                if arrays
+                else []
+            )
+            args = (chunk, todo, arrays, predictions, rows, out, store, overlays)
+            writes.append(writer.submit(_write_chunk, *args, scorer.pixel_threshold_))
+            while len(writes) > AHEAD or (writes and writes[0].done()):
+                yield writes.popleft().result()
+        while writes:
+            yield writes.popleft().result()
+
+
+def _read_chunk(chunk: list[InputImage]) -> tuple[dict[int, np.ndarray], list[dict[str, Any]]]:
+    """The decoded images of `chunk` by position, and a row per position (error rows filled)."""
     arrays: dict[int, np.ndarray] = {}
     rows: list[dict[str, Any]] = [{} for _ in chunk]
     for i, image in enumerate(chunk):
@@ -133,17 +171,31 @@ def _inspect_chunk(
             arrays[i] = to_rgb_array(image.path)
         except ImageReadError as error:
             rows[i] = _error_row(image.path, image.relative, str(error))
-    if not arrays:
-        return rows
-    predictions = scorer.predict(list(arrays.values()), min_region_area=min_region_area)
+    return arrays, rows
+
+
+def _write_chunk(
+    chunk: list[InputImage],
+    todo: set[Path],
+    arrays: dict[int, np.ndarray],
+    predictions: list[Prediction],
+    rows: list[dict[str, Any]],
+    out: Path,
+    store: ResultsStore,
+    overlays: bool,
+    threshold: float | None,
+) -> list[dict[str, Any]]:
+    """Write the overlays of `chunk`, then append the rows of its `todo` images; return them."""
     for (i, array), prediction in zip(arrays.items(), predictions, strict=True):
         image = chunk[i]
         picture = ""
-        if overlays and prediction.anomaly_map is not None:
+        if overlays and prediction.anomaly_map is not None and image.path in todo:
             picture = f"{OVERLAYS}/{overlay_name(image.relative)}"
-            _write_overlay(out / picture, array, prediction, scorer.pixel_threshold_)
+            _write_overlay(out / picture, array, prediction, threshold)
         rows[i] = _result_row(image, prediction, picture)
-    return rows
+    new = [row for row, image in zip(rows, chunk, strict=True) if image.path in todo]
+    store.append(new)
+    return new
 
 
 def _write_overlay(
