@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from os import PathLike
 from typing import Any
@@ -96,26 +97,45 @@ def iter_batches(
     mode: str = "squash",
 ) -> Iterator[Batch]:
     """Load and resize images lazily, `batch_size` at a time, so memory stays flat; with a
-    `progress` label, a progress bar counts the images done. With `keep`, a batch holds
-    consecutive images of the same resized shape (a folder of one camera's images batches fully;
-    mixed shapes are scored in smaller batches), in the input order."""
-    with make_progress() as bar:
+    `progress` label, a progress bar counts the images done. A thread decodes and resizes the next
+    batch while the caller works on this one. With `keep`, a batch holds consecutive images of the
+    same resized shape (a folder of one camera's images batches fully; mixed shapes are scored in
+    smaller batches), in the input order."""
+    chunks = [images[start : start + batch_size] for start in range(0, len(images), batch_size)]
+    if not chunks:
+        return
+    with (
+        make_progress() as bar,
+        ThreadPoolExecutor(1, thread_name_prefix="anomalens-decode") as decoder,
+    ):
         task = bar.add_task(
             progress or "", total=len(images), info="", unit="img", visible=bool(progress)
         )
-        for start in range(0, len(images), batch_size):
-            arrays = [to_rgb_array(image) for image in images[start : start + batch_size]]
-            resized = [resize_image(array, size, mode) for array in arrays]
-            run = 0
-            for end in range(1, len(arrays) + 1):
-                if end == len(arrays) or resized[end][0].shape != resized[run][0].shape:
-                    yield Batch(
-                        torch.stack([tensor for tensor, _ in resized[run:end]]),
-                        [a.shape[:2] for a in arrays[run:end]],
-                        [box for _, box in resized[run:end]],
-                    )
-                    run = end
-            bar.advance(task, len(arrays))
+        pending = decoder.submit(_load_batch, chunks[0], size, mode)
+        for following in [*chunks[1:], None]:
+            batches, count = pending.result()
+            if following is not None:
+                pending = decoder.submit(_load_batch, following, size, mode)
+            yield from batches
+            bar.advance(task, count)
+
+
+def _load_batch(images: Sequence[ImageLike], size: int, mode: str) -> tuple[list[Batch], int]:
+    """`images` read and resized, as batches of one resized shape each, and how many there were."""
+    arrays = [to_rgb_array(image) for image in images]
+    resized = [resize_image(array, size, mode) for array in arrays]
+    batches, run = [], 0
+    for end in range(1, len(arrays) + 1):
+        if end == len(arrays) or resized[end][0].shape != resized[run][0].shape:
+            batches.append(
+                Batch(
+                    torch.stack([tensor for tensor, _ in resized[run:end]]),
+                    [a.shape[:2] for a in arrays[run:end]],
+                    [box for _, box in resized[run:end]],
+                )
+            )
+            run = end
+    return batches, len(arrays)
 
 
 def load_resized(
