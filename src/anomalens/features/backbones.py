@@ -11,6 +11,7 @@ explicitly).
 from __future__ import annotations
 
 import importlib.resources
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,9 @@ class OfflineWeights:
     package: str
     file: str
     pip: str
+
+    def installed(self) -> bool:
+        return importlib.util.find_spec(self.package) is not None
 
     def path(self) -> Path:
         try:
