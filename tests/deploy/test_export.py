@@ -102,7 +102,7 @@ def test_cli_predict_accepts_an_onnx_file(patchcore_files, brick, tmp_path, monk
         assert code == 0, err
         with open(tmp_path / name / "results.csv", encoding="utf-8") as handle:
             rows[name] = list(csv.DictReader(handle))
-        assert len(list((tmp_path / name).glob("*_overlay.png"))) == len(rows[name])
+        assert len(list((tmp_path / name / "overlays").glob("*.png"))) == len(rows[name])
     assert [r["label"] for r in rows["onnx"]] == [r["label"] for r in rows["torch"]]
     for want, have in zip(rows["torch"], rows["onnx"], strict=True):
         assert abs(float(have["score"]) - float(want["score"])) <= 1e-4 * float(want["score"])
