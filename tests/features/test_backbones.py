@@ -62,13 +62,20 @@ def test_default_layers_are_the_stride_8_and_16_stages() -> None:
     assert [tuple(m.shape) for m in maps] == [(1, 40, 8, 8), (1, 112, 4, 4)]
 
 
+def test_the_state_dict_is_the_network_weights_keyed_as_model_files_keep_them() -> None:
+    backbone = Backbone()
+    state = backbone.state_dict()
+    assert list(state) == list(backbone.network.state_dict())
+    restored = Backbone(weights="random")
+    restored.load_state_dict(state)
+    assert all(torch.equal(restored.network.state_dict()[k], v) for k, v in state.items())
+
+
 def test_blocks_after_the_deepest_layer_are_neither_run_nor_stored() -> None:
     truncated = Backbone()
     deeper = Backbone(layers=("blocks.2", "blocks.4", "blocks.6"))
-    assert not [
-        key for key in truncated.weight_tensors() if key.startswith(("blocks.5", "blocks.6"))
-    ]
-    assert len(truncated.weight_tensors()) < len(deeper.weight_tensors())
+    assert not [key for key in truncated.state_dict() if key.startswith(("blocks.5", "blocks.6"))]
+    assert len(truncated.state_dict()) < len(deeper.state_dict())
     images = torch.rand(2, 3, 64, 64)
     with torch.inference_mode():
         for short, full in zip(truncated(images), deeper(images)[:2], strict=True):

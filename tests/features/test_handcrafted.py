@@ -22,7 +22,7 @@ def test_factory_gives_the_backbone_interface() -> None:
     extractor = create_backbone("handcrafted")
     assert isinstance(extractor, HandcraftedFeatures)
     assert extractor.layers == ("cells8", "cells16") and extractor.strides == (8, 16)
-    assert extractor.channels == (CHANNELS, CHANNELS) and extractor.weight_tensors() == {}
+    assert extractor.channels == (CHANNELS, CHANNELS) and extractor.state_dict() == {}
     maps = extractor(torch.rand(2, 3, 64, 48))
     assert [tuple(m.shape) for m in maps] == [(2, CHANNELS, 8, 6), (2, CHANNELS, 4, 3)]
     assert all(torch.isfinite(m).all() for m in maps)

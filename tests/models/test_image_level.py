@@ -39,9 +39,9 @@ def test_detects_without_maps(fitted, brick: Path, tmp_path: Path) -> None:
 def test_gaussian_fits_one_shrunk_gaussian_per_level(brick: Path) -> None:
     model = anomalens.create("gaussian", image_size=64).fit(training_images(brick))
     assert model.layers_ == ["blocks.0", "blocks.1", "blocks.2", "blocks.4", "blocks.6"]
-    assert [tuple(p.shape) for p in model.precisions_] == [(c, c) for c in (16, 24, 40, 112, 320)]
+    assert [tuple(p.shape) for p in model.precision_] == [(c, c) for c in (16, 24, 40, 112, 320)]
     # 14 images, 320 channels: the sample covariance is singular, the shrunk one is not.
-    assert np.isfinite(model.precisions_[-1].numpy()).all()
+    assert np.isfinite(model.precision_[-1].numpy()).all()
 
 
 def test_knn_score_is_mean_distance_to_k_nearest(brick: Path) -> None:
@@ -54,7 +54,7 @@ def test_knn_score_is_mean_distance_to_k_nearest(brick: Path) -> None:
     (batch,) = list(iter_batches([image], 64, 1))
     with torch.inference_mode():
         vector = pooled_features(model.backbone_(batch.pixels)).numpy()[0]
-    distances = np.sort(np.linalg.norm(model.train_features_.numpy() - vector, axis=1))
+    distances = np.sort(np.linalg.norm(model.features_.numpy() - vector, axis=1))
     assert score == pytest.approx(distances[:3].mean(), rel=1e-4)
 
 

@@ -1,5 +1,5 @@
-"""Building blocks of the trained networks: convolutional encoders/decoder, augmentation that keeps
-normal images normal, and network weights in and out of model files."""
+"""Building blocks of the trained networks: convolutional encoders/decoder and augmentation that
+keeps normal images normal."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from anomalens.errors import ParameterError
-from anomalens.state_dict import under_prefix, with_prefix
 
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -221,14 +220,3 @@ _OPS: dict[str, Augment] = {
     "vflip": _flip(-2),
     "rot90": _rot90,
 }
-
-
-def module_tensors(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
-    """A module's weights and buffers keyed `prefix.name`, for a model file."""
-    return with_prefix(prefix, module.state_dict())
-
-
-def load_module_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> None:
-    """Load `prefix.*` tensors of a model file into `module` (every weight must be there)."""
-    module.load_state_dict(under_prefix(prefix, tensors), strict=True)
-    module.eval()

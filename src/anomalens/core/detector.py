@@ -6,9 +6,10 @@ at `target_fpr` / `pixel_target_fpr` on the held-out normal images the model nev
 with `refit_on_all` then learn again from all the images, keeping those thresholds.
 `predict(images)` returns one `Prediction` per image (higher score = more anomalous). `calibrate`
 optionally replaces both thresholds by F1-optimal ones from an explicit labelled set. Fitted state
-ends in `_`. Subclasses store their parameters with `self._store_params(locals())` and implement
-`_fit`, `_score_tensors` (or `_score_batch` where scoring leaves torch; only the first exports),
-`_tensors` and `_restore`.
+ends in `_`. Subclasses store their parameters with `self._store_params(locals())`, implement
+`_fit` and `_score_tensors` (or `_score_batch` where scoring leaves torch; only the first exports),
+list the fitted tensors and networks that make up the model file in `fitted_tensors` and rebuild
+the networks in `_build_state`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ from anomalens.core.thresholds import threshold_at_fpr
 from anomalens.data.io import load_image, region_of_interest, stretch_mask, to_rgb_array
 from anomalens.data.preprocessing import ImageLike
 from anomalens.errors import DataError, ExportError, ImageReadError, ParameterError
+from anomalens.state_dict import FittedState, Part, stored_part
+
+_UNSET: Any = object()
+"""A fitted attribute not set yet (`Detector._fitted_parts`)."""
 
 
 class Detector(Scorer):
@@ -41,6 +46,10 @@ class Detector(Scorer):
     """Fitted JSON values (such as `layers_`, the layers a `layers=None` resolved to) that the
     model file's fitted config keeps, under the name without `_`. A version-1 file has none:
     its fit wrote them into the parameter of the same name, which is used instead."""
+    fitted_tensors: ClassVar[tuple[str, ...]] = ()
+    """Fitted tensors (or lists of them, one per level) and networks that make up the model file's
+    tensors, under the name without `_` (`FittedState`): `memory_bank_` as ``memory_bank``,
+    `backbone_` as ``backbone.*``. A None one (a network a variant does not have) is left out."""
     refit_on_all: ClassVar[bool] = False
     """Refit on every image once the thresholds are set, so the held-out images do not cost
     accuracy (methods whose fit is a single pass over the features; trained networks keep the
@@ -184,6 +193,10 @@ class Detector(Scorer):
         self._check_fitted()
         return write_model_file(path, self._tensors(), self.model_config())
 
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """The model file's tensors: the state dict of the `fitted_tensors`."""
+        return FittedState(self._fitted_parts()).state_dict()
+
     def model_config(self) -> dict[str, Any]:
         """The JSON config stored in the model file and in an ONNX export's metadata."""
         return model_config(self.name, self.get_params(), self.fitted_config())
@@ -216,6 +229,29 @@ class Detector(Scorer):
         for field in self.fitted_fields:
             setattr(self, field, fitted.get(field[:-1], getattr(self, field[:-1], None)))
 
+    def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Set the `fitted_tensors` from a model file's `tensors`: the networks that
+        `_build_state` makes load their weights, the other parts are the file's tensors. Every
+        key of the file must be used and none may be missing."""
+        self._build_state()
+        parts = self._fitted_parts(tensors)
+        state = FittedState(parts)
+        state.load_state_dict(tensors)
+        state.eval()
+        for name in self.fitted_tensors:
+            setattr(self, name, parts[name[:-1]])
+
+    def _fitted_parts(self, tensors: dict[str, torch.Tensor] | None = None) -> dict[str, Part]:
+        """The `fitted_tensors` by key. Given a model file's `tensors` (after `_build_state`), the
+        parts other than networks and None ones are read from it."""
+        parts: dict[str, Part] = {}
+        for name in self.fitted_tensors:
+            part = getattr(self, name, _UNSET)
+            if tensors is not None and part is not None and not isinstance(part, torch.nn.Module):
+                part = stored_part(name[:-1], tensors)
+            parts[name[:-1]] = part
+        return parts
+
     # ---- helpers ---------------------------------------------------------------------------
     def _seed_everything(self) -> None:
         random.seed(self.seed)
@@ -236,11 +272,10 @@ class Detector(Scorer):
         the pixels, which both `predict` and the exported ONNX graph run."""
         raise NotImplementedError
 
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
-        raise NotImplementedError
+    def _build_state(self) -> None:
+        """Build the networks among the `fitted_tensors` (random weights), from the parameters
+        and the fitted config, for a model file's weights to load into; set those that this
+        variant does not have to None."""
 
 
 def readable_images(

@@ -21,7 +21,6 @@ from torch import nn
 
 from anomalens.errors import WeightsError
 from anomalens.features.handcrafted import HANDCRAFTED, HandcraftedFeatures, handcrafted_levels
-from anomalens.state_dict import under_prefix, with_prefix
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 IMAGE_LEVEL_STRIDES = (16, 32)
@@ -245,22 +244,33 @@ class Backbone(nn.Module):
         std = config.std if config else (0.229, 0.224, 0.225)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        # Its state dict is the network's, keyed without `network.`, as model files keep it.
+        self.register_state_dict_post_hook(_drop_network_prefix)
+        self.register_load_state_dict_pre_hook(_add_network_prefix)
         self.eval()
-
-    def weight_tensors(self) -> dict[str, torch.Tensor]:
-        """The network's weights (to save in a model file, so it is self-contained)."""
-        return dict(self.network.state_dict())
-
-    def load_weight_tensors(self, state: dict[str, torch.Tensor]) -> None:
-        self.network.load_state_dict(state, strict=True)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         return self.network((images - self.mean) / self.std)
 
 
+def _drop_network_prefix(
+    module: nn.Module, state: dict[str, torch.Tensor], prefix: str, *_: object
+) -> None:
+    for key in [key for key in state if key.startswith(f"{prefix}network.")]:
+        state[prefix + key.removeprefix(f"{prefix}network.")] = state.pop(key)
+
+
+def _add_network_prefix(
+    module: nn.Module, state: dict[str, torch.Tensor], prefix: str, *_: object
+) -> None:
+    for key in [key for key in state if key.startswith(prefix)]:
+        state[f"{prefix}network.{key.removeprefix(prefix)}"] = state.pop(key)
+
+
 FeatureExtractor = Backbone | HandcraftedFeatures
-"""Anything with `layers`, `strides`, `channels`, `weight_tensors()` and a forward pass that
-maps (B, 3, H, W) images in [0, 1] to one feature map per layer."""
+"""Anything with `layers`, `strides`, `channels` and a forward pass that maps (B, 3, H, W) images
+in [0, 1] to one feature map per layer; its state dict holds its weights (none for the
+handcrafted features)."""
 
 
 def create_backbone(
@@ -274,18 +284,3 @@ def create_backbone(
     if name == HANDCRAFTED:
         return HandcraftedFeatures(layers)
     return Backbone(name, layers, weights)
-
-
-def backbone_tensors(extractor: FeatureExtractor) -> dict[str, torch.Tensor]:
-    """The extractor's weights keyed ``backbone.<name>``, for a model file."""
-    return with_prefix("backbone", extractor.weight_tensors())
-
-
-def restore_backbone(
-    name: str, layers: tuple[str, ...] | list[str] | None, tensors: dict[str, torch.Tensor]
-) -> FeatureExtractor:
-    """Rebuild an extractor from a model file's ``backbone.*`` tensors (explicit, never silent:
-    random initialisation, then every weight loaded strictly)."""
-    extractor = create_backbone(name, layers, "random")
-    extractor.load_weight_tensors(under_prefix("backbone", tensors))
-    return extractor

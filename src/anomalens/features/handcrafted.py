@@ -65,15 +65,6 @@ class HandcraftedFeatures(nn.Module):
         self.channels = tuple(levels[layer][1] for layer in self.layers)
         self.eval()
 
-    def weight_tensors(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def load_weight_tensors(self, state: dict[str, torch.Tensor]) -> None:
-        if state:
-            raise WeightsError(
-                f"the {HANDCRAFTED} features have no weights, got {sorted(state)[:3]}"
-            )
-
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         pixels = _pixel_features(images.float())
         return [_window_statistics(pixels, stride) for stride in self.strides]

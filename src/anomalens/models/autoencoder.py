@@ -16,13 +16,7 @@ import torch
 from torch import nn
 
 from anomalens.components.maps import anomaly_maps
-from anomalens.components.networks import (
-    ConvDecoder,
-    ConvEncoder,
-    load_module_tensors,
-    make_augmentation,
-    module_tensors,
-)
+from anomalens.components.networks import ConvDecoder, ConvEncoder, make_augmentation
 from anomalens.components.residuals import IMAGE_SCORES, RESIDUALS, image_scores, residual_map
 from anomalens.core.registry import register
 from anomalens.core.trained_detector import TrainedDetector
@@ -36,6 +30,7 @@ class Autoencoder(TrainedDetector):
     """Convolutional autoencoder with a narrow bottleneck; residual map L1, L2 or SSIM."""
 
     name = "autoencoder"
+    fitted_tensors = ("network_",)
 
     def __init__(
         self,
@@ -60,19 +55,19 @@ class Autoencoder(TrainedDetector):
     ) -> None:
         self._store_params(locals())
 
-    def _build(self) -> nn.Module:
+    def _build_state(self) -> None:
         check_choice("residual", self.residual, RESIDUALS)
         check_choice("image_score", self.image_score, IMAGE_SCORES)
         check_positive("latent_dim", self.latent_dim)
         check_positive("width", self.width)
-        return nn.Sequential(
+        self.network_ = nn.Sequential(
             ConvEncoder(self.image_size, self.latent_dim, self.width),
             ConvDecoder(self.image_size, self.latent_dim, self.width),
         )
 
     def _fit(self, images: list[ImageLike]) -> None:
         self._start_training()
-        self.network_ = self._build()
+        self._build_state()
         augment = make_augmentation(self.augment)
         data = load_resized(images, self.image_size)
         optimizer = torch.optim.Adam(self.network_.parameters(), lr=self.learning_rate)
@@ -88,10 +83,3 @@ class Autoencoder(TrainedDetector):
         residuals = residual_map(pixels, self.network_(pixels), self.residual)
         maps = anomaly_maps(residuals, self.image_size, self.smoothing_sigma)
         return image_scores(maps, self.image_score, self.top_k), maps
-
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        return module_tensors("network", self.network_)
-
-    def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.network_ = self._build()
-        load_module_tensors(self.network_, tensors, "network")

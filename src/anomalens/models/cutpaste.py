@@ -43,7 +43,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from anomalens.components.density import fit_gaussian, mahalanobis
-from anomalens.components.networks import load_module_tensors, module_tensors
 from anomalens.core.registry import register
 from anomalens.core.trained_detector import TrainedDetector
 from anomalens.core.training import optimizer_step
@@ -54,13 +53,12 @@ from anomalens.features.backbones import (
     DEFAULT_BACKBONE,
     IMAGE_LEVEL_STRIDES,
     Backbone,
-    backbone_tensors,
     feature_levels,
     layers_with_strides,
-    restore_backbone,
 )
 from anomalens.features.handcrafted import HANDCRAFTED
 from anomalens.features.patches import pooled_features
+from anomalens.state_dict import Part
 
 Defect = Callable[[torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
@@ -121,6 +119,7 @@ class CutPaste(TrainedDetector):
 
     name = "cutpaste"
     produces_maps = False
+    fitted_tensors = ("mean_", "precision_")
 
     def __init__(
         self,
@@ -209,19 +208,11 @@ class CutPaste(TrainedDetector):
         return correct / max(total, 1)
 
     # ---- persistence -------------------------------------------------------------------------
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        return {
-            **backbone_tensors(self.network_.backbone),
-            **module_tensors("head", self.network_.head),
-            **module_tensors("classifier", self.network_.classifier),
-            "mean": self.mean_,
-            "precision": self.precision_,
-        }
+    def _fitted_parts(self, tensors: dict[str, torch.Tensor] | None = None) -> dict[str, Part]:
+        """The network's parts are saved at the top level: ``backbone.*``, ``head.*``,
+        ``classifier.*``."""
+        return {**dict(self.network_.named_children()), **super()._fitted_parts(tensors)}
 
-    def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
+    def _build_state(self) -> None:
         layers = layers_with_strides(self.backbone, IMAGE_LEVEL_STRIDES)
-        self._build(restore_backbone(self.backbone, layers, tensors))
-        load_module_tensors(self.network_.head, tensors, "head")
-        load_module_tensors(self.network_.classifier, tensors, "classifier")
-        self.mean_ = tensors["mean"].double()
-        self.precision_ = tensors["precision"].double()
+        self._build(Backbone(self.backbone, layers, "random"))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from anomalens.components.networks import ConvEmbedder, load_module_tensors, module_tensors
+from anomalens.components.networks import ConvEmbedder
 from anomalens.core.registry import register
 from anomalens.core.trained_detector import TrainedDetector
 from anomalens.core.training import optimizer_step
@@ -30,9 +30,7 @@ from anomalens.features.backbones import (
     DEFAULT_BACKBONE,
     IMAGE_LEVEL_STRIDES,
     Backbone,
-    backbone_tensors,
     layers_with_strides,
-    restore_backbone,
 )
 from anomalens.features.patches import pooled_dataset_features, pooled_features
 
@@ -53,6 +51,8 @@ class DeepSVDD(TrainedDetector):
 
     name = "deepsvdd"
     produces_maps = False
+    fitted_tensors = ("network_", "center_", "backbone_")
+    """`backbone_`: None without `pretrained`."""
 
     def __init__(
         self,
@@ -79,15 +79,16 @@ class DeepSVDD(TrainedDetector):
     def _build(self, weights: str) -> None:
         if self.pretrained:
             layers = layers_with_strides(self.backbone, IMAGE_LEVEL_STRIDES)
-            self._set_backbone(Backbone(self.backbone, layers, weights))
+            self.backbone_ = Backbone(self.backbone, layers, weights)
+            self.network_ = projection_head(sum(self.backbone_.channels), self.rep_dim).eval()
         else:
+            self.backbone_ = None
             self.network_ = ConvEmbedder(
                 self.rep_dim, self.width, bias=False, input_size=self.image_size
             ).eval()
 
-    def _set_backbone(self, backbone: Backbone) -> None:
-        self.backbone_ = backbone
-        self.network_ = projection_head(sum(backbone.channels), self.rep_dim).eval()
+    def _build_state(self) -> None:
+        self._build("random")
 
     def _inputs(self, images: list[ImageLike]) -> torch.Tensor:
         """What the trained network reads: pooled backbone features, or uint8 pixels."""
@@ -130,20 +131,3 @@ class DeepSVDD(TrainedDetector):
     def _score_tensors(self, pixels: torch.Tensor) -> tuple[torch.Tensor, None]:
         inputs = pooled_features(self.backbone_(pixels)) if self.pretrained else pixels
         return (self.network_(inputs) - self.center_).square().sum(dim=1), None
-
-    # ---- persistence -------------------------------------------------------------------------
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        tensors = module_tensors("network", self.network_)
-        tensors["center"] = self.center_
-        if self.pretrained:
-            tensors.update(backbone_tensors(self.backbone_))
-        return tensors
-
-    def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
-        if self.pretrained:
-            layers = layers_with_strides(self.backbone, IMAGE_LEVEL_STRIDES)
-            self._set_backbone(restore_backbone(self.backbone, layers, tensors))
-        else:
-            self._build("random")
-        load_module_tensors(self.network_, tensors, "network")
-        self.center_ = tensors["center"].float()

@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from anomalens.components.maps import anomaly_maps
-from anomalens.components.networks import load_module_tensors, module_tensors
 from anomalens.components.residuals import IMAGE_SCORES, image_scores
 from anomalens.core.registry import register
 from anomalens.core.trained_detector import TrainedDetector
@@ -70,6 +69,7 @@ class DFR(TrainedDetector):
 
     name = "dfr"
     fitted_fields = ("training_", "layers_", "latent_channels_")
+    fitted_tensors = ("backbone_", "network_", "feature_mean_", "feature_std_")
 
     def __init__(
         self,
@@ -169,18 +169,6 @@ class DFR(TrainedDetector):
         return image_scores(maps, self.image_score, self.top_k), maps
 
     # ---- persistence -------------------------------------------------------------------------
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        return {
-            "feature_mean": self.feature_mean_,
-            "feature_std": self.feature_std_,
-            **module_tensors("network", self.network_),
-            **module_tensors("backbone", self.backbone_.network),
-        }
-
-    def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
+    def _build_state(self) -> None:
         self._build_backbone("random", self.layers_)
-        load_module_tensors(self.backbone_.network, tensors, "backbone")
-        self.feature_mean_ = tensors["feature_mean"]
-        self.feature_std_ = tensors["feature_std"]
-        self.network_ = feature_autoencoder(len(self.feature_mean_), self.latent_channels_)
-        load_module_tensors(self.network_, tensors, "network")
+        self.network_ = feature_autoencoder(sum(self.backbone_.channels), self.latent_channels_)

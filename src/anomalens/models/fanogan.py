@@ -22,13 +22,7 @@ from __future__ import annotations
 import torch
 
 from anomalens.components.maps import anomaly_maps
-from anomalens.components.networks import (
-    ConvDecoder,
-    ConvEncoder,
-    load_module_tensors,
-    make_augmentation,
-    module_tensors,
-)
+from anomalens.components.networks import ConvDecoder, ConvEncoder, make_augmentation
 from anomalens.components.residuals import RESIDUALS, residual_map
 from anomalens.core.registry import register
 from anomalens.core.trained_detector import TrainedDetector
@@ -42,6 +36,7 @@ class FAnoGAN(TrainedDetector):
     """f-AnoGAN: WGAN-GP on normal images + izi_f encoder; image and critic-feature residuals."""
 
     name = "fanogan"
+    fitted_tensors = ("generator_", "critic_", "encoder_")
 
     def __init__(
         self,
@@ -69,7 +64,7 @@ class FAnoGAN(TrainedDetector):
     ) -> None:
         self._store_params(locals())
 
-    def _build(self) -> None:
+    def _build_state(self) -> None:
         check_choice("residual", self.residual, RESIDUALS)
         check_positive("latent_dim", self.latent_dim)
         check_positive("width", self.width)
@@ -89,7 +84,7 @@ class FAnoGAN(TrainedDetector):
             raise ParameterError(
                 f"gan_budget_fraction must be in (0, 1), got {self.gan_budget_fraction}"
             )
-        self._build()
+        self._build_state()
         augment = make_augmentation(self.augment)
         data = load_resized(images, self.image_size)
         budget = self.time_budget_s
@@ -174,16 +169,3 @@ class FAnoGAN(TrainedDetector):
         residuals = residual_map(pixels, reconstruction, self.residual)
         maps = anomaly_maps(residuals, self.image_size, self.smoothing_sigma)
         return self._izif(pixels, reconstruction), maps
-
-    # ---- persistence -------------------------------------------------------------------------
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        return {
-            **module_tensors("generator", self.generator_),
-            **module_tensors("critic", self.critic_),
-            **module_tensors("encoder", self.encoder_),
-        }
-
-    def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
-        self._build()
-        for name in ("generator", "critic", "encoder"):
-            load_module_tensors(getattr(self, f"{name}_"), tensors, name)

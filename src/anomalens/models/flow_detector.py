@@ -17,14 +17,12 @@ import torch
 from torch import nn
 
 from anomalens.components.flows import gaussian_nll, nll_to_map
-from anomalens.components.networks import module_tensors
 from anomalens.core.trained_detector import TrainedDetector
 from anomalens.core.training import optimizer_step
 from anomalens.data.preprocessing import ImageLike
 from anomalens.errors import AnomalensError
 from anomalens.features.backbones import Backbone
 from anomalens.features.patches import backbone_features
-from anomalens.state_dict import under_prefix
 
 
 class FlowDetector(TrainedDetector):
@@ -34,6 +32,8 @@ class FlowDetector(TrainedDetector):
     ones."""
 
     fitted_fields = ("training_", "layers_")
+    fitted_tensors = ("backbone_", "flows_", "mean_", "std_")
+    """`mean_` and `std_`: the standardisation of each level."""
 
     # ---- what a flow method implements --------------------------------------------------------
     def _build_flow(self, level: int, channels: int, generator: torch.Generator) -> nn.Module:
@@ -61,7 +61,7 @@ class FlowDetector(TrainedDetector):
     def _standardise(self, feature_maps: list[torch.Tensor]) -> list[torch.Tensor]:
         return [
             (features - mean) / std
-            for features, mean, std in zip(feature_maps, self.means_, self.stds_, strict=True)
+            for features, mean, std in zip(feature_maps, self.mean_, self.std_, strict=True)
         ]
 
     def _level_nll(self, level: int, features: torch.Tensor) -> torch.Tensor:
@@ -81,8 +81,8 @@ class FlowDetector(TrainedDetector):
 
     def _fit_features(self, cache: list[torch.Tensor]) -> None:
         """Fit the standardisation and the flows on cached features, one (N, C, h, w) per level."""
-        self.means_ = [f.mean(dim=(0, 2, 3), keepdim=True) for f in cache]
-        self.stds_ = [f.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6) for f in cache]
+        self.mean_ = [f.mean(dim=(0, 2, 3), keepdim=True) for f in cache]
+        self.std_ = [f.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6) for f in cache]
         cache = self._standardise(cache)
         optimizer = torch.optim.Adam(
             self.flows_.parameters(), lr=self.learning_rate, weight_decay=1e-5
@@ -103,19 +103,5 @@ class FlowDetector(TrainedDetector):
         maps = nll_to_map(self._nll(feature_maps), self.image_size, self.smoothing_sigma)
         return maps.amax(dim=(1, 2)).numpy().astype(np.float64), maps.numpy().astype(np.float32)
 
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {
-            **module_tensors("flows", self.flows_),
-            **module_tensors("backbone", self.backbone_.network),
-        }
-        for level, (mean, std) in enumerate(zip(self.means_, self.stds_, strict=True)):
-            tensors[f"mean.{level}"], tensors[f"std.{level}"] = mean, std
-        return tensors
-
-    def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
+    def _build_state(self) -> None:
         self._build("random", self.layers_)
-        self.backbone_.network.load_state_dict(under_prefix("backbone", tensors), strict=True)
-        self.flows_.load_state_dict(under_prefix("flows", tensors), strict=True)
-        levels = range(len(self.backbone_.channels))
-        self.means_ = [tensors[f"mean.{level}"] for level in levels]
-        self.stds_ = [tensors[f"std.{level}"] for level in levels]

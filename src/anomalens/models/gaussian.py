@@ -19,13 +19,7 @@ from anomalens.components.density import fit_gaussian, mahalanobis
 from anomalens.core.detector import Detector
 from anomalens.core.registry import register
 from anomalens.data.preprocessing import ImageLike
-from anomalens.features.backbones import (
-    DEFAULT_BACKBONE,
-    backbone_tensors,
-    create_backbone,
-    feature_levels,
-    restore_backbone,
-)
+from anomalens.features.backbones import DEFAULT_BACKBONE, create_backbone, feature_levels
 from anomalens.features.patches import pooled_dataset_features, pooled_features
 
 
@@ -35,6 +29,8 @@ class Gaussian(Detector):
 
     name = "gaussian"
     fitted_fields = ("layers_",)
+    fitted_tensors = ("backbone_", "mean_", "precision_")
+    """`mean_` and `precision_`: one per feature level."""
     produces_maps = False
 
     def __init__(
@@ -59,29 +55,19 @@ class Gaussian(Detector):
         vectors = pooled_dataset_features(
             self.backbone_, images, self.image_size, self.batch_size
         ).double()
-        self.means_, self.precisions_ = [], []
+        self.mean_, self.precision_ = [], []
         for level in torch.split(vectors, list(self.backbone_.channels), dim=1):
             mean, precision = fit_gaussian(level)
-            self.means_.append(mean)
-            self.precisions_.append(precision)
+            self.mean_.append(mean)
+            self.precision_.append(precision)
 
     def _score_tensors(self, pixels: torch.Tensor) -> tuple[torch.Tensor, None]:
         vectors = pooled_features(self.backbone_(pixels))
         channels = list(self.backbone_.channels)
-        return summed_mahalanobis(vectors, channels, self.means_, self.precisions_), None
+        return summed_mahalanobis(vectors, channels, self.mean_, self.precision_), None
 
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        tensors = backbone_tensors(self.backbone_)
-        for index, (mean, precision) in enumerate(zip(self.means_, self.precisions_, strict=True)):
-            tensors[f"mean.{index}"] = mean
-            tensors[f"precision.{index}"] = precision
-        return tensors
-
-    def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.backbone_ = restore_backbone(self.backbone, self.layers_, tensors)
-        levels = range(len(self.backbone_.layers))
-        self.means_ = [tensors[f"mean.{index}"].double() for index in levels]
-        self.precisions_ = [tensors[f"precision.{index}"].double() for index in levels]
+    def _build_state(self) -> None:
+        self.backbone_ = create_backbone(self.backbone, self.layers_, "random")
 
 
 def summed_mahalanobis(

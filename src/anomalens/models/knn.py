@@ -20,13 +20,7 @@ from anomalens.core.detector import Detector
 from anomalens.core.registry import register
 from anomalens.data.preprocessing import ImageLike
 from anomalens.errors import ParameterError
-from anomalens.features.backbones import (
-    DEFAULT_BACKBONE,
-    backbone_tensors,
-    create_backbone,
-    feature_levels,
-    restore_backbone,
-)
+from anomalens.features.backbones import DEFAULT_BACKBONE, create_backbone, feature_levels
 from anomalens.features.patches import pooled_dataset_features, pooled_features
 
 
@@ -36,6 +30,8 @@ class KNN(Detector):
 
     name = "knn"
     fitted_fields = ("layers_",)
+    fitted_tensors = ("backbone_", "features_")
+    """`features_`: the training images' pooled feature vectors."""
     produces_maps = False
 
     def __init__(
@@ -72,21 +68,19 @@ class KNN(Detector):
         """The exported graph's version of `_score_batch`: the same exact search written as a
         matrix product and a top-k, which ONNX can hold."""
         vectors = pooled_features(self.backbone_(pixels))
-        features = self.train_features_
+        features = self.features_
         k = min(self.k, len(features))
         distances = k_nearest_by_matmul(vectors, features, (features * features).sum(dim=1), k)
         return distances.mean(dim=1), None
 
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        return {
-            "features": self.train_features_,
-            **backbone_tensors(self.backbone_),
-        }
+    def _build_state(self) -> None:
+        self.backbone_ = create_backbone(self.backbone, self.layers_, "random")
 
     def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.backbone_ = restore_backbone(self.backbone, self.layers_, tensors)
-        self._set_features(tensors["features"].float())
+        """The search index is built from the features, not saved."""
+        super()._restore(tensors)
+        self._set_features(self.features_)
 
     def _set_features(self, features: torch.Tensor) -> None:
-        self.train_features_ = features
+        self.features_ = features
         self.index_ = NearestNeighbors(features.numpy())

@@ -35,9 +35,8 @@ from anomalens.features.backbones import (
     DEFAULT_BACKBONE,
     IMAGE_LEVEL_STRIDES,
     Backbone,
-    backbone_tensors,
+    create_backbone,
     layers_with_strides,
-    restore_backbone,
 )
 from anomalens.features.patches import pooled_dataset_features, pooled_features
 
@@ -57,6 +56,7 @@ class OneClassSVM(Detector):
 
     name = "ocsvm"
     fitted_fields = ("layers_", "gamma_")
+    fitted_tensors = ("backbone_", "support_vectors_", "dual_coef_")
     produces_maps = False
 
     def __init__(
@@ -115,14 +115,5 @@ class OneClassSVM(Detector):
         return -(torch.exp(-self.gamma_ * squared) @ self.dual_coef_), None
 
     # ---- persistence -------------------------------------------------------------------------
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        return {
-            "support_vectors": self.support_vectors_,
-            "dual_coef": self.dual_coef_,
-            **backbone_tensors(self.backbone_),
-        }
-
-    def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.backbone_ = restore_backbone(self.backbone, self.layers_, tensors)
-        self.support_vectors_ = tensors["support_vectors"].float()
-        self.dual_coef_ = tensors["dual_coef"].float()
+    def _build_state(self) -> None:
+        self.backbone_ = create_backbone(self.backbone, self.layers_, "random")

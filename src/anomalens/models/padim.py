@@ -41,10 +41,8 @@ from anomalens.data.preprocessing import ImageLike, check_resize
 from anomalens.errors import ParameterError
 from anomalens.features.backbones import (
     DEFAULT_BACKBONE,
-    backbone_tensors,
     create_backbone,
     layers_with_strides,
-    restore_backbone,
 )
 
 
@@ -54,6 +52,7 @@ class PaDiM(Detector):
 
     name = "padim"
     fitted_fields = ("layers_",)
+    fitted_tensors = ("backbone_", "mean_", "precision_", "channels_")
     refit_on_all = True
 
     def __init__(
@@ -167,16 +166,9 @@ class PaDiM(Detector):
         return maps.flatten(1).amax(dim=1), maps
 
     # ---- persistence -------------------------------------------------------------------------
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        return {
-            "mean": self.mean_,
-            "precision": self.precision_,
-            "channels": self.channels_,
-            **backbone_tensors(self.backbone_),
-        }
+    def _build_state(self) -> None:
+        self.backbone_ = create_backbone(self.backbone, self.layers_, "random")
 
     def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.backbone_ = restore_backbone(self.backbone, self.layers_, tensors)
-        self._prepare(tensors["channels"].long())
-        self.mean_ = tensors["mean"].float()
-        self.precision_ = tensors["precision"].float()
+        super()._restore(tensors)
+        self._prepare(self.channels_)

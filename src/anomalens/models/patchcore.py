@@ -30,12 +30,7 @@ from anomalens.core.detector import Detector
 from anomalens.core.registry import register
 from anomalens.data.preprocessing import ImageLike, check_resize
 from anomalens.errors import ParameterError
-from anomalens.features.backbones import (
-    DEFAULT_BACKBONE,
-    backbone_tensors,
-    create_backbone,
-    restore_backbone,
-)
+from anomalens.features.backbones import DEFAULT_BACKBONE, create_backbone
 from anomalens.features.patches import aggregate_patches, flatten_patches
 
 
@@ -47,6 +42,7 @@ class PatchCore(Detector):
     fitted_fields = ("layers_", "damp_border_")
     """`damp_border_`: border patches damped (`aggregate_patches`); models fitted before it
     existed (no such field in their file) keep the undamped features they were fitted with."""
+    fitted_tensors = ("backbone_", "memory_bank_")
     refit_on_all = True
 
     def __init__(
@@ -121,9 +117,8 @@ class PatchCore(Detector):
         nearest bank patches (the reweighting's support), found with FAISS a few at a time so
         that it breaks ties the same way on every machine."""
         bank = np.ascontiguousarray(bank, dtype=np.float32)
-        self.memory_bank_ = bank
-        self.bank_ = torch.from_numpy(bank)
-        self.squared_norms_ = (self.bank_ * self.bank_).sum(dim=1)
+        self.memory_bank_ = torch.from_numpy(bank)
+        self.squared_norms_ = (self.memory_bank_ * self.memory_bank_).sum(dim=1)
         index = NearestNeighbors(bank)
         support = [
             index.search(bank[start : start + 16], self.num_neighbors)[1]
@@ -137,25 +132,23 @@ class PatchCore(Detector):
         features = self._patch_features(pixels)
         count, dim, height, width = features.shape
         patches = features.permute(0, 2, 3, 1).reshape(count, height * width, dim)
-        distances, nearest = nearest_by_matmul(patches, self.bank_, self.squared_norms_)
+        distances, nearest = nearest_by_matmul(patches, self.memory_bank_, self.squared_norms_)
         scores, best = distances.max(dim=1)
         if self.reweight and self.num_neighbors > 1:
             rows = torch.arange(count)
-            support = self.bank_[self.support_[nearest[rows, best]]]
+            support = self.memory_bank_[self.support_[nearest[rows, best]]]
             scores = scores * reweighting(patches[rows, best], support)
         maps = distances.reshape(count, 1, height, width)
         return scores, anomaly_maps(maps, pixels.shape[-2:], self.smoothing_sigma)
 
     # ---- persistence -------------------------------------------------------------------------
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        return {
-            "memory_bank": torch.from_numpy(self.memory_bank_),
-            **backbone_tensors(self.backbone_),
-        }
+    def _build_state(self) -> None:
+        self.backbone_ = create_backbone(self.backbone, self.layers_, "random")
 
     def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.backbone_ = restore_backbone(self.backbone, self.layers_, tensors)
-        self._set_bank(tensors["memory_bank"].numpy())
+        """The squared norms and the support are derived from the bank, not saved."""
+        super()._restore(tensors)
+        self._set_bank(self.memory_bank_.numpy())
 
 
 def reweighting(test_patches: torch.Tensor, support: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from scipy.special import digamma, polygamma
 
-from anomalens.components.networks import ConvEmbedder, load_module_tensors, module_tensors
+from anomalens.components.networks import ConvEmbedder
 from anomalens.core.registry import register
 from anomalens.core.trained_detector import TrainedDetector
 from anomalens.core.training import optimizer_step
@@ -107,6 +107,7 @@ class RotNet(TrainedDetector):
 
     name = "rotnet"
     produces_maps = False
+    fitted_tensors = ("network_", "alphas_")
 
     def __init__(
         self,
@@ -144,7 +145,7 @@ class RotNet(TrainedDetector):
     def _transformations(self) -> list[Transformation]:
         return transformations(self.rotations, self.flips, self.translation)
 
-    def _build(self) -> None:
+    def _build_state(self) -> None:
         self.transformations_ = self._transformations()
         self.shift_ = max(1, round(self.translation * self.image_size))
         self.network_ = ConvEmbedder(len(self.transformations_), self.width).eval()
@@ -159,7 +160,7 @@ class RotNet(TrainedDetector):
     def _fit(self, images: list[ImageLike]) -> None:
         self._check_params()
         self._start_training()
-        self._build()
+        self._build_state()
         data = load_resized(images, self.image_size)
         count = len(self.transformations_)
         optimizer = torch.optim.Adam(self.network_.parameters(), lr=self.learning_rate)
@@ -210,14 +211,3 @@ class RotNet(TrainedDetector):
                 correct += int((predicted == torch.arange(count)[:, None]).sum())
                 total += predicted.numel()
         return correct / max(total, 1)
-
-    # ---- persistence -------------------------------------------------------------------------
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        tensors = module_tensors("network", self.network_)
-        tensors["alphas"] = self.alphas_
-        return tensors
-
-    def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
-        self._build()
-        load_module_tensors(self.network_, tensors, "network")
-        self.alphas_ = tensors["alphas"].to(torch.float64)

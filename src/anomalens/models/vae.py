@@ -20,13 +20,7 @@ import torch
 from torch import nn
 
 from anomalens.components.maps import anomaly_maps
-from anomalens.components.networks import (
-    ConvDecoder,
-    ConvEncoder,
-    load_module_tensors,
-    make_augmentation,
-    module_tensors,
-)
+from anomalens.components.networks import ConvDecoder, ConvEncoder, make_augmentation
 from anomalens.components.residuals import IMAGE_SCORES, RESIDUALS, image_scores, residual_map
 from anomalens.core.registry import register
 from anomalens.core.trained_detector import TrainedDetector
@@ -69,6 +63,7 @@ class VAE(TrainedDetector):
     """Variational autoencoder; score = negative ELBO, its reconstruction term or residual map."""
 
     name = "vae"
+    fitted_tensors = ("network_",)
 
     def __init__(
         self,
@@ -94,17 +89,17 @@ class VAE(TrainedDetector):
     ) -> None:
         self._store_params(locals())
 
-    def _build(self) -> VariationalAutoencoder:
+    def _build_state(self) -> None:
         check_choice("image_score", self.image_score, VAE_SCORES)
         check_choice("residual", self.residual, RESIDUALS)
         check_positive("latent_dim", self.latent_dim)
         check_positive("width", self.width)
-        return VariationalAutoencoder(self.image_size, self.latent_dim, self.width)
+        self.network_ = VariationalAutoencoder(self.image_size, self.latent_dim, self.width)
 
     def _fit(self, images: list[ImageLike]) -> None:
         self._start_training()
         check_positive("beta", self.beta)
-        self.network_ = self._build()
+        self._build_state()
         augment = make_augmentation(self.augment)
         data = load_resized(images, self.image_size)
         optimizer = torch.optim.Adam(self.network_.parameters(), lr=self.learning_rate)
@@ -124,10 +119,3 @@ class VAE(TrainedDetector):
         if self.image_score == "reconstruction":
             return nll, maps
         return image_scores(maps, self.image_score, self.top_k), maps
-
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        return module_tensors("network", self.network_)
-
-    def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.network_ = self._build()
-        load_module_tensors(self.network_, tensors, "network")
