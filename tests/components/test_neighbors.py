@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-from anomalens.components.neighbors import NearestNeighbors, greedy_coreset
+from anomalens.components.neighbors import (
+    NearestNeighbors,
+    argmin_rows,
+    greedy_coreset,
+    nearest_by_matmul,
+)
 
 
 def _covering_radius(points: np.ndarray, chosen: np.ndarray) -> float:
@@ -41,3 +47,19 @@ def test_coreset_is_seeded() -> None:
     a = greedy_coreset(points, 0.1, seed=5)
     assert np.array_equal(a, greedy_coreset(points, 0.1, seed=5))
     assert not np.array_equal(a, greedy_coreset(points, 0.1, seed=6))
+
+
+def test_matrix_product_search_matches_brute_force() -> None:
+    rng = np.random.default_rng(3)
+    bank = torch.from_numpy(rng.normal(size=(300, 16)).astype(np.float32))
+    queries = torch.from_numpy(rng.normal(size=(2, 50, 16)).astype(np.float32))
+    distances, nearest = nearest_by_matmul(queries, bank, (bank * bank).sum(dim=1))
+    brute = torch.cdist(queries, bank[None].expand(2, -1, -1))
+    assert nearest.shape == (2, 50) and torch.equal(nearest, brute.argmin(dim=-1))
+    torch.testing.assert_close(distances, brute.amin(dim=-1), rtol=1e-5, atol=1e-5)
+
+
+def test_argmin_rows_is_torch_argmin_with_the_first_of_ties() -> None:
+    values = torch.tensor([[3.0, 1.0, 1.0, 2.0], [0.0, 0.0, 5.0, -1.0]])
+    assert argmin_rows(values).tolist() == values.argmin(dim=-1).tolist() == [1, 3]
+    assert argmin_rows(values).dtype == torch.int64

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from anomalens.components.regions import Region, find_regions
 from anomalens.core.scorer import Scorer
@@ -58,6 +59,22 @@ def test_min_area_drops_the_smaller_region() -> None:
     assert [r.area for r in find_regions(anomaly_map, mask, min_area=40)] == [40]
     assert find_regions(anomaly_map, mask, min_area=41) == ()
     assert find_regions(anomaly_map, np.zeros_like(mask)) == ()
+
+
+def test_region_measurements_match_scipy() -> None:
+    rng = np.random.default_rng(0)
+    anomaly_map = ndimage.gaussian_filter(rng.random((64, 80)), 3).astype(np.float32)
+    mask = anomaly_map > np.quantile(anomaly_map, 0.7)
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    index = np.arange(1, count + 1)
+    expected = {
+        (x, y): (ndimage.maximum(anomaly_map, labels, n), ndimage.mean(anomaly_map, labels, n))
+        for n, (y, x) in zip(index, ndimage.center_of_mass(mask, labels, index), strict=True)
+    }
+    regions = find_regions(anomaly_map, mask)
+    assert len(regions) == count > 1
+    for region in regions:
+        assert (region.max_score, region.mean_score) == pytest.approx(expected[region.centroid])
 
 
 @pytest.mark.parametrize("bad", [-1, 2.5, True, "4", None])

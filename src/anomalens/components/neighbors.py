@@ -74,13 +74,26 @@ def nearest_by_matmul(
     """Exact nearest neighbour of each query (..., D) among `vectors` (N, D), written as a matrix
     product and a reduction so that it traces and exports to ONNX.
 
-    The argmin is over |v|^2 - 2 q.v (`squared_norms` = |v|^2, precomputed); the returned
-    Euclidean distance |q - v*| is then computed directly, free of the cancellation error of
-    the expanded form.
+    The argmin is over |v|^2 - 2 q.v (`squared_norms` = |v|^2, precomputed; one `addmm`, no
+    temporaries the size of the product); the returned Euclidean distance |q - v*| is then
+    computed directly, free of the cancellation error of the expanded form.
     """
-    nearest = (squared_norms - 2.0 * queries @ vectors.T).argmin(dim=-1)
+    flat = queries.reshape(-1, queries.shape[-1])
+    nearest = argmin_rows(torch.addmm(squared_norms, flat, vectors.T, alpha=-2.0))
+    nearest = nearest.reshape(queries.shape[:-1])
     distances = torch.linalg.vector_norm(queries - vectors[nearest], dim=-1)
     return distances, nearest
+
+
+def argmin_rows(values: torch.Tensor) -> torch.Tensor:
+    """Index of each row's minimum (the first one on ties), like `values.argmin(dim=-1)`.
+
+    On a CPU tensor outside an export it is numpy's: 4-5x faster than torch's over the ~2,000
+    bank columns of PatchCore's search, which makes it a sizeable part of predict at batch 1.
+    """
+    if torch.compiler.is_exporting() or values.requires_grad or values.device.type != "cpu":
+        return values.argmin(dim=-1)
+    return torch.from_numpy(values.numpy().argmin(axis=-1))
 
 
 def k_nearest_by_matmul(
