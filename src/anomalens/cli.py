@@ -485,7 +485,7 @@ def serve(
             help="Micro-batching: score the requests that arrive within this many ms of the "
             "first waiting one with one predict call; 0 turns it off (one request at a time).",
         ),
-    ] = 5.0,
+    ] = 2.0,
     max_batch: Annotated[int, typer.Option(min=1, help="Most images in one micro-batch.")] = 16,
 ) -> None:
     """Serve a model over HTTP: POST /v1/predict, GET /v1/model, /healthz, /docs, web page at /."""

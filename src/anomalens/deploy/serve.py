@@ -6,7 +6,7 @@
   asked, the anomaly map as a base64 RGBA PNG heatmap (colours of `anomalens.evaluation.viz`,
   transparent where normal).
 - `GET /v1/model`: model name, parameters, thresholds, training-set size, format version, limits,
-  batching settings.
+  batching settings and counts (predict calls, images scored).
 - `GET /healthz`; OpenAPI docs at `/docs`; an inspection web page at `/`.
 
 The model (`.safetensors` or an ONNX export) is loaded once per worker process. Decoding, inference
@@ -58,7 +58,7 @@ from anomalens.evaluation.viz import heatmap_rgba
 DEFAULT_MAX_UPLOAD_BYTES = 20_000_000
 DEFAULT_MAX_PIXELS = 25_000_000
 DEFAULT_MAX_FILES = 16
-DEFAULT_BATCH_WAIT_MS = 5.0
+DEFAULT_BATCH_WAIT_MS = 2.0
 DEFAULT_MAX_BATCH = 16
 HEATMAP_MAX_SIDE = 1024
 SETTINGS_ENV = "ANOMALENS_SERVE_SETTINGS"
@@ -176,6 +176,7 @@ class Service:
         self.runtime = "onnxruntime" if path.suffix.lower() == ".onnx" else "torch"
         self.filename = path.name
         self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()  # None: stop
+        self.predict_calls = self.images_scored = 0
         self.worker = threading.Thread(target=self._work, name="anomalens-inference", daemon=True)
         self.worker.start()
 
@@ -212,6 +213,8 @@ class Service:
                 "enabled": self.settings.batch_wait_ms > 0,
                 "batch_wait_ms": self.settings.batch_wait_ms,
                 "max_batch": self.settings.max_batch,
+                "predict_calls": self.predict_calls,
+                "images_scored": self.images_scored,
             },
         }
 
@@ -285,6 +288,8 @@ class Service:
                 for item in decoded:
                     self._score([item])
             return
+        self.predict_calls += 1
+        self.images_scored += len(images)
         start = 0
         for job, arrays in decoded:
             own = predictions[start : start + len(arrays)]
