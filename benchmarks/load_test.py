@@ -1,11 +1,15 @@
 """Load test of `anomalens serve` over loopback: concurrent clients, a fixed number of requests.
 
     .venv/bin/python benchmarks/load_test.py [--model MODEL] [--clients 8] [--requests 400]
+        [--batch-wait-ms 0 --batch-wait-ms 2] [--max-batch 16] [--rounds 1]
 
 Without `--model` it fits PatchCore with its defaults (256 px) on a synthetic category and serves
 its ONNX export and its torch model in turn. Each run starts `anomalens serve` on 127.0.0.1 (a
-free port), lets `--clients` clients POST one 256x256 PNG each to /v1/predict until `--requests`
-have been sent, and reports throughput, p50/p99 latency and errors. Bounded: every run stops after
+free port) with one `--batch-wait-ms` (0: micro-batching off), lets `--clients` clients POST one
+256x256 PNG each to /v1/predict until `--requests` have been sent, and reports throughput,
+p50/p90/p95/p99 latency, errors, and the server's predict calls and mean batch (from /v1/model).
+Every model is served with every wait in turn, `--rounds` times over, so that batching on and off
+are compared within one run on the same machine load. Bounded: every run stops after
 `--time-limit` seconds whatever happens, and nothing leaves the machine.
 """
 
@@ -43,11 +47,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(model: Path, port: int, workers: int) -> subprocess.Popen:
+def start_server(
+    model: Path, port: int, workers: int, batch_wait_ms: float, max_batch: int
+) -> subprocess.Popen:
     source = str(Path(anomalens.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([source, os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-c", "from anomalens.cli import main; main()", "serve", str(model)]
     command += ["--host", HOST, "--port", str(port), "--workers", str(workers)]
+    command += ["--batch-wait-ms", str(batch_wait_ms), "--max-batch", str(max_batch)]
     process = subprocess.Popen(
         command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -105,6 +112,7 @@ async def load(url: str, images: list[bytes], clients: int, requests: int, limit
         "throughput_rps": len(latencies) / elapsed,
         "p50_ms": 1000 * statistics.median(ordered),
         "p90_ms": 1000 * ordered[min(len(ordered) - 1, int(0.90 * len(ordered)))],
+        "p95_ms": 1000 * ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))],
         "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
         "max_ms": 1000 * ordered[-1],
     }
@@ -122,6 +130,14 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        action="append",
+        help="serve with this micro-batching wait (repeat; default: 0 and 2, off and on)",
+    )
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=1, help="times to repeat the runs")
     parser.add_argument("--time-limit", type=float, default=300.0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -136,20 +152,36 @@ def main() -> None:
             ]
         images = [png(load_image(s.path)) for s in test_samples(root)]
         report = []
-        for model in models:
+        runs = [
+            (model, wait)
+            for _ in range(args.rounds)
+            for model in models
+            for wait in args.batch_wait_ms or [0.0, 2.0]
+        ]
+        for model, wait in runs:
             port = free_port()
-            server = start_server(model, port, args.workers)
+            server = start_server(model, port, args.workers, wait, args.max_batch)
             try:
                 url = f"http://{HOST}:{port}"
                 asyncio.run(load(url, images[:2], 2, 4, 60))  # warm-up, not counted
+                before = httpx.get(f"{url}/v1/model", timeout=60).json()["batching"]
                 result = asyncio.run(
                     load(url, images, args.clients, args.requests, args.time_limit)
                 )
+                after = httpx.get(f"{url}/v1/model", timeout=60).json()["batching"]
             finally:
                 server.terminate()
                 server.wait(timeout=30)
+            calls = after["predict_calls"] - before["predict_calls"]
             result.update(
-                model=model.suffix, workers=args.workers, image_px=256, load=os.getloadavg()
+                model=model.suffix,
+                batch_wait_ms=wait,
+                predict_calls=calls,
+                mean_batch=(after["images_scored"] - before["images_scored"]) / max(calls, 1),
+                max_batch=args.max_batch,
+                workers=args.workers,
+                image_px=256,
+                load=os.getloadavg(),
             )
             report.append(result)
             print(json.dumps(result), flush=True)

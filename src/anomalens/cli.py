@@ -478,6 +478,15 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     workers: Annotated[int, typer.Option(help="Worker processes, each with the model.")] = 1,
     max_upload_mb: Annotated[float, typer.Option(help="Largest request body, in MB.")] = 20.0,
+    batch_wait_ms: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Micro-batching: score the requests that arrive within this many ms of the "
+            "first waiting one with one predict call; 0 turns it off (one request at a time).",
+        ),
+    ] = 2.0,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most images in one micro-batch.")] = 16,
 ) -> None:
     """Serve a model over HTTP: POST /v1/predict, GET /v1/model, /healthz, /docs, web page at /."""
     # FastAPI and uvicorn are needed by this command only: imported on first use
@@ -489,6 +498,8 @@ def serve(
         port=port,
         workers=workers,
         max_upload_bytes=round(max_upload_mb * 1_000_000),
+        batch_wait_ms=batch_wait_ms,
+        max_batch=max_batch,
     )
 
 

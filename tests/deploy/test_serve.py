@@ -1,10 +1,11 @@
 """The inspection service over real HTTP: uvicorn on 127.0.0.1 and httpx, every kind of bad
-input, health checks while inference is busy, the web page in Debian's Chromium (Playwright),
-and `anomalens serve` as a command with two workers."""
+input, health checks while inference is busy, micro-batching of concurrent requests, the web page
+in Debian's Chromium (Playwright), and `anomalens serve` as a command with two workers."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import socket
@@ -35,12 +36,10 @@ MAX_PIXELS = 1_000_000
 MAX_FILES = 8
 
 
-@pytest.fixture(scope="module")
-def running(patchcore_files) -> Iterator[tuple[str, FastAPI]]:
-    """The service for the exported model, run by uvicorn in a thread on a free loopback port:
-    (its URL, the app)."""
-    _, onnx_file = patchcore_files
-    settings = Settings(str(onnx_file), MAX_UPLOAD, MAX_PIXELS, MAX_FILES)
+@contextlib.contextmanager
+def serving(settings: Settings) -> Iterator[tuple[str, FastAPI]]:
+    """The service for `settings`, run by uvicorn in a thread on a free loopback port: (its URL,
+    the app)."""
     app = create_app(settings)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -55,6 +54,13 @@ def running(patchcore_files) -> Iterator[tuple[str, FastAPI]]:
     runner.should_exit = True
     thread.join(timeout=10)
     sock.close()
+
+
+@pytest.fixture(scope="module")
+def running(patchcore_files) -> Iterator[tuple[str, FastAPI]]:
+    """The service for the exported model with the default settings (micro-batching on)."""
+    with serving(Settings(str(patchcore_files[1]), MAX_UPLOAD, MAX_PIXELS, MAX_FILES)) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +104,8 @@ def test_health_model_docs_and_page(server, patchcore_files) -> None:
         # All 16 normal images end in the bank (2 of them also set the thresholds).
         assert info["n_train_images"] == 16 and info["params"]["coreset_ratio"] == 0.25
         assert info["limits"]["max_upload_bytes"] == MAX_UPLOAD
+        assert info["batching"]["enabled"] and info["batching"]["batch_wait_ms"] == 2.0
+        assert info["batching"]["max_batch"] == 16
         schema = client.get("/openapi.json").json()
         assert {"/v1/predict", "/v1/model", "/healthz"} <= set(schema["paths"])
         assert client.get("/docs").status_code == 200
@@ -315,6 +323,140 @@ def test_health_answers_while_inference_is_busy(running, brick, monkeypatch) -> 
     assert [answer.status_code for answer in answers] == [200, 200]
 
 
+def count_predict_calls(
+    monkeypatch: pytest.MonkeyPatch, app: FastAPI, delay_s: float = 0.0
+) -> list[int]:
+    """Wrap the service's `predict`: the returned list gets each call's number of images. A call
+    with an image 7 pixels wide fails (a model that cannot take it)."""
+    detector = app.state.service.detector
+    real_predict = detector.predict
+    calls: list[int] = []
+
+    def counted(images, **options):
+        calls.append(len(images))
+        time.sleep(delay_s)
+        if any(image.shape[1] == 7 for image in images):
+            raise RuntimeError("this model cannot take an image 7 pixels wide")
+        return real_predict(images, **options)
+
+    monkeypatch.setattr(detector, "predict", counted)
+    return calls
+
+
+def post_at_once(url: str, requests: list[tuple[dict, str, bytes]]) -> list[httpx.Response]:
+    """POST each (query parameters, file name, bytes) from its own thread, all at the same time."""
+    start = threading.Barrier(len(requests))
+
+    def post(request: tuple[dict, str, bytes]) -> httpx.Response:
+        params, name, data = request
+        start.wait()
+        files = {"file": (name, data, "image/png")}
+        return httpx.post(f"{url}/v1/predict", params=params, files=files, timeout=120)
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(post, requests))
+
+
+def assert_scored_alone(result: dict, path: Path, model, min_region_area: int = 0) -> None:
+    """`result` is what the model gives the image at `path` scored on its own."""
+    (alone,) = model.predict([path], min_region_area=min_region_area)
+    assert result["filename"] == path.name
+    assert result["score"] == pytest.approx(alone.score, rel=1e-6)
+    assert result["anomalous"] == alone.label
+    assert result["regions"] == [
+        {key: pytest.approx(value, rel=1e-5) for key, value in region.to_dict().items()}
+        for region in alone.regions
+    ]
+
+
+@pytest.fixture(scope="module")
+def batching(patchcore_files) -> Iterator[tuple[str, FastAPI]]:
+    """A service that gathers up to 6 images for up to 2 s: 6 requests posted at once are one
+    batch."""
+    settings = Settings(
+        str(patchcore_files[1]), MAX_UPLOAD, MAX_PIXELS, MAX_FILES, batch_wait_ms=2000, max_batch=6
+    )
+    with serving(settings) as running:
+        yield running
+
+
+def test_concurrent_requests_are_scored_together(
+    batching, ranked, patchcore_files, monkeypatch
+) -> None:
+    url, app = batching
+    calls = count_predict_calls(monkeypatch, app)
+    model = anomalens.OnnxModel(patchcore_files[1])
+    defect, other, normal, second = ranked[-1][1], ranked[-2][1], ranked[0][1], ranked[1][1]
+    cut = max(region.area for region in model.predict([defect])[0].regions)
+    requests = [
+        ({"heatmap": "true"}, defect.name, defect.read_bytes()),
+        ({"min_region_area": cut}, defect.name, defect.read_bytes()),
+        ({}, "notes.png", b"just some text, no picture " * 20),
+        ({"min_region_area": 3}, other.name, other.read_bytes()),
+        ({"heatmap": "true"}, normal.name, normal.read_bytes()),
+        ({}, second.name, second.read_bytes()),
+    ]
+    answers = post_at_once(url, requests)
+    assert [answer.status_code for answer in answers] == [200, 200, 422, 200, 200, 200]
+    assert answers[2].json()["error"] == "unreadable_image"
+    # the 5 good images in fewer predict calls than requests (one, unless the posts straggle)
+    assert sum(calls) == 5 and len(calls) < 5, calls
+    first, large, third, fourth, fifth = [
+        answer.json()["results"][0] for answer in answers[:2] + answers[3:]
+    ]
+    assert_scored_alone(first, defect, model)
+    assert_scored_alone(large, defect, model, cut)
+    assert large["regions"] == [r for r in first["regions"] if r["area"] >= cut] != []
+    assert_scored_alone(third, other, model, 3)
+    assert_scored_alone(fourth, normal, model)
+    assert_scored_alone(fifth, second, model)
+    assert first["heatmap_png"] and fourth["heatmap_png"]
+    assert large["heatmap_png"] is None and fifth["heatmap_png"] is None
+    batching = httpx.get(f"{url}/v1/model", timeout=30).json()["batching"]
+    assert batching["enabled"] and (batching["batch_wait_ms"], batching["max_batch"]) == (2000, 6)
+
+
+def test_a_batch_the_model_fails_on_is_scored_request_by_request(
+    batching, ranked, patchcore_files, monkeypatch
+) -> None:
+    url, app = batching
+    calls = count_predict_calls(monkeypatch, app)
+    paths = [path for _, path in ranked[:5]]
+    narrow = png_bytes(np.zeros((9, 7, 3), dtype=np.uint8))
+    requests = [({}, path.name, path.read_bytes()) for path in paths]
+    requests.insert(3, ({}, "narrow.png", narrow))
+    answers = post_at_once(url, requests)
+    assert [answer.status_code for answer in answers] == [200, 200, 200, 500, 200, 200]
+    assert answers[3].json()["error"] == "internal_error"
+    # the batch fails, then each request is scored alone
+    assert sorted(calls) == [1] * 6 + [6] and calls[0] == 6, calls
+    model = anomalens.OnnxModel(patchcore_files[1])
+    for answer, path in zip(answers[:3] + answers[4:], paths, strict=True):
+        assert_scored_alone(answer.json()["results"][0], path, model)
+
+
+def test_batching_off_scores_one_request_at_a_time(ranked, patchcore_files, monkeypatch) -> None:
+    settings = Settings(str(patchcore_files[1]), MAX_UPLOAD, MAX_PIXELS, batch_wait_ms=0)
+    paths = [path for _, path in ranked[:6]]
+    with serving(settings) as (url, app):
+        # each call takes 0.2 s, so the other requests wait in the queue meanwhile
+        calls = count_predict_calls(monkeypatch, app, delay_s=0.2)
+        answers = post_at_once(url, [({}, path.name, path.read_bytes()) for path in paths])
+        info = httpx.get(f"{url}/v1/model", timeout=30).json()
+    assert [answer.status_code for answer in answers] == [200] * 6
+    assert calls == [1] * 6
+    assert info["batching"] == {
+        "enabled": False,
+        "batch_wait_ms": 0.0,
+        "max_batch": 16,
+        "predict_calls": 6,
+        "images_scored": 6,
+    }
+    model = anomalens.OnnxModel(patchcore_files[1])
+    for answer, path in zip(answers, paths, strict=True):
+        assert_scored_alone(answer.json()["results"][0], path, model)
+
+
 def test_web_page_shows_verdict_and_heatmap(server, ranked, tmp_path) -> None:
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
     if not CHROMIUM.exists():
@@ -374,6 +516,7 @@ def test_serve_command_with_two_workers(patchcore_files, brick) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([source, os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-c", "from anomalens.cli import main; main()", "serve"]
     args = [str(model_file), "--port", str(port), "--workers", "2"]
+    args += ["--batch-wait-ms", "20", "--max-batch", "4"]
     process = subprocess.Popen(command + args, env=env, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -387,7 +530,9 @@ def test_serve_command_with_two_workers(patchcore_files, brick) -> None:
                 pass
             assert time.monotonic() < deadline, "anomalens serve did not come up"
             time.sleep(0.3)
-        assert httpx.get(f"{url}/v1/model", timeout=30).json()["runtime"] == "torch"
+        info = httpx.get(f"{url}/v1/model", timeout=30).json()
+        assert info["runtime"] == "torch"
+        assert info["batching"]["batch_wait_ms"] == 20.0 and info["batching"]["max_batch"] == 4
         image = (brick / "test" / "good" / "000.png").read_bytes()
         files = {"file": ("good.png", image, "image/png")}
         with ThreadPoolExecutor(4) as pool:

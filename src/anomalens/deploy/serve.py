@@ -5,12 +5,16 @@
   the defect regions of an anomalous image (`Region.to_dict()`, at least N pixels each) and, when
   asked, the anomaly map as a base64 RGBA PNG heatmap (colours of `anomalens.evaluation.viz`,
   transparent where normal).
-- `GET /v1/model`: model name, parameters, thresholds, training-set size, format version.
+- `GET /v1/model`: model name, parameters, thresholds, training-set size, format version, limits,
+  batching settings and counts (predict calls, images scored).
 - `GET /healthz`; OpenAPI docs at `/docs`; an inspection web page at `/`.
 
 The model (`.safetensors` or an ONNX export) is loaded once per worker process. Decoding, inference
 and heatmaps run on one dedicated thread, so requests queue for the CPU instead of fighting over it
-while the event loop stays free for health checks.
+while the event loop stays free for health checks. Micro-batching: the thread scores the requests
+that arrive within `batch_wait_ms` of the first waiting one (up to `max_batch` images) with one
+`predict` call and hands each request its own results; `batch_wait_ms=0` scores one request at a
+time.
 
 Bad input is a 4xx JSON error `{"error", "detail"}`: a body over `max_upload_bytes` or more than
 `max_files` files (413), not multipart or a part that is not an image (415), an empty or missing
@@ -27,10 +31,12 @@ import hashlib
 import io
 import json
 import os
+import queue
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
@@ -52,6 +58,8 @@ from anomalens.evaluation.viz import heatmap_rgba
 DEFAULT_MAX_UPLOAD_BYTES = 20_000_000
 DEFAULT_MAX_PIXELS = 25_000_000
 DEFAULT_MAX_FILES = 16
+DEFAULT_BATCH_WAIT_MS = 2.0
+DEFAULT_MAX_BATCH = 16
 HEATMAP_MAX_SIDE = 1024
 SETTINGS_ENV = "ANOMALENS_SERVE_SETTINGS"
 
@@ -69,6 +77,8 @@ class Settings:
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_files: int = DEFAULT_MAX_FILES
+    batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS
+    max_batch: int = DEFAULT_MAX_BATCH
 
 
 class ServiceError(Exception):
@@ -140,8 +150,21 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 # ---- the model ------------------------------------------------------------------------------
+@dataclass(eq=False)
+class Job:
+    """One request waiting for the inference thread, and the future that gets its results."""
+
+    parts: list[tuple[str, bytes]]
+    heatmap: bool
+    min_region_area: int
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[list[ImageResult]]
+    arrived: float = field(default_factory=time.monotonic)
+
+
 class Service:
-    """The loaded model, its description and the single inference thread."""
+    """The loaded model, its description and the single inference thread, which scores the
+    requests waiting together as one batch."""
 
     def __init__(self, settings: Settings) -> None:
         path = Path(settings.model)
@@ -152,7 +175,14 @@ class Service:
         self.model_id = f"{self.config['model']}-{digest}"
         self.runtime = "onnxruntime" if path.suffix.lower() == ".onnx" else "torch"
         self.filename = path.name
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="anomalens-inference")
+        self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()  # None: stop
+        self.predict_calls = self.images_scored = 0
+        self.worker = threading.Thread(target=self._work, name="anomalens-inference", daemon=True)
+        self.worker.start()
+
+    def close(self) -> None:
+        """Stop the inference thread once it has answered the requests queued so far."""
+        self.jobs.put(None)
 
     def describe(self) -> dict[str, Any]:
         fitted = self.config["fitted"]
@@ -179,6 +209,13 @@ class Service:
                 "max_pixels": self.settings.max_pixels,
                 "max_files": self.settings.max_files,
             },
+            "batching": {
+                "enabled": self.settings.batch_wait_ms > 0,
+                "batch_wait_ms": self.settings.batch_wait_ms,
+                "max_batch": self.settings.max_batch,
+                "predict_calls": self.predict_calls,
+                "images_scored": self.images_scored,
+            },
         }
 
     async def inspect(
@@ -187,25 +224,93 @@ class Service:
         """Decode, score and describe the uploads on the inference thread (one hop off the event
         loop and back: on a busy machine every thread hand-over costs a scheduling delay)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self.executor, self._inspect, parts, heatmap, min_region_area
-        )
+        job = Job(parts, heatmap, min_region_area, loop, loop.create_future())
+        self.jobs.put(job)
+        return await job.future
 
-    def _inspect(
-        self, parts: list[tuple[str, bytes]], heatmap: bool, min_region_area: int
-    ) -> list[ImageResult]:
+    def _work(self) -> None:
+        """The inference thread: batch after batch until `close`."""
+        held: Job | None = None
+        while True:
+            first = held or self.jobs.get()
+            if first is None:
+                return
+            batch, held = self._gather(first)
+            self._run(batch)
+
+    def _gather(self, first: Job) -> tuple[list[Job], Job | None]:
+        """`first` and the jobs that arrive within `batch_wait_ms` of it, up to `max_batch` images
+        (`first` alone when batching is off); a job that does not fit is held for the next batch."""
+        batch, images = [first], len(first.parts)
+        wait_s = self.settings.batch_wait_ms / 1000
+        if wait_s <= 0:
+            return batch, None
+        deadline = first.arrived + wait_s
+        while images < self.settings.max_batch:
+            try:
+                job = self.jobs.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if job is None:  # stop after this batch
+                self.jobs.put(None)
+                break
+            if images + len(job.parts) > self.settings.max_batch:
+                return batch, job
+            batch.append(job)
+            images += len(job.parts)
+        return batch, None
+
+    def _run(self, batch: list[Job]) -> None:
+        """Decode each job's uploads (a bad one fails its own job), score the rest together."""
+        decoded = []
+        for job in batch:
+            try:
+                decoded.append((job, _decode_all(job.parts, self.settings.max_pixels)))
+            except ImageReadError as error:
+                _settle(job, ServiceError(422, "unreadable_image", str(error)))
+            except Exception as error:
+                _settle(job, error)
+        if decoded:
+            self._score(decoded)
+
+    def _score(self, decoded: list[tuple[Job, list[np.ndarray]]]) -> None:
+        """One `predict` call for the jobs' images (regions down to the smallest
+        `min_region_area` asked, each job's own minimum applied in `result`); if it fails, each
+        job is scored alone so that the error stays with the job that caused it."""
+        images = [image for _, arrays in decoded for image in arrays]
+        smallest = min(job.min_region_area for job, _ in decoded)
         try:
-            arrays = _decode_all(parts, self.settings.max_pixels)
-        except ImageReadError as error:
-            raise ServiceError(422, "unreadable_image", str(error)) from error
-        predictions = self.detector.predict(arrays, min_region_area=min_region_area)
-        return [
-            self.result(name, image, prediction, heatmap)
-            for (name, _), image, prediction in zip(parts, arrays, predictions, strict=True)
-        ]
+            predictions = self.detector.predict(images, min_region_area=smallest)
+        except Exception as error:
+            if len(decoded) == 1:
+                _settle(decoded[0][0], error)
+            else:
+                for item in decoded:
+                    self._score([item])
+            return
+        self.predict_calls += 1
+        self.images_scored += len(images)
+        start = 0
+        for job, arrays in decoded:
+            own = predictions[start : start + len(arrays)]
+            start += len(arrays)
+            try:
+                results = [
+                    self.result(name, image, prediction, job.heatmap, job.min_region_area)
+                    for (name, _), image, prediction in zip(job.parts, arrays, own, strict=True)
+                ]
+            except Exception as error:
+                _settle(job, error)
+            else:
+                _settle(job, results)
 
     def result(
-        self, name: str, image: np.ndarray, prediction: anomalens.Prediction, heatmap: bool
+        self,
+        name: str,
+        image: np.ndarray,
+        prediction: anomalens.Prediction,
+        heatmap: bool,
+        min_region_area: int,
     ) -> ImageResult:
         threshold = float(self.detector.image_threshold_)
         png = None
@@ -220,9 +325,28 @@ class Service:
             normalized_score=prediction.score / threshold if threshold > 0 else None,
             width=image.shape[1],
             height=image.shape[0],
-            regions=[RegionResult(**region.to_dict()) for region in prediction.regions],
+            regions=[
+                RegionResult(**region.to_dict())
+                for region in prediction.regions
+                if region.area >= min_region_area
+            ],
             heatmap_png=png,
         )
+
+
+def _settle(job: Job, outcome: list[ImageResult] | Exception) -> None:
+    """Hand `outcome` (results, or the error to raise) to the job's request on its event loop."""
+
+    def deliver() -> None:
+        if job.future.done():  # the client went away and the request was cancelled
+            return
+        if isinstance(outcome, Exception):
+            job.future.set_exception(outcome)
+        else:
+            job.future.set_result(outcome)
+
+    with contextlib.suppress(RuntimeError):  # the event loop is closed: the server has stopped
+        job.loop.call_soon_threadsafe(deliver)
 
 
 def _heatmap_png(anomaly_map: np.ndarray, threshold: float) -> str:
@@ -350,7 +474,7 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        service.executor.shutdown(wait=False, cancel_futures=True)
+        service.close()
 
     app = FastAPI(
         title="anomalens inspection service",
@@ -438,11 +562,19 @@ def serve(
     workers: int = 1,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
+    max_batch: int = DEFAULT_MAX_BATCH,
 ) -> None:
     """Run the service with uvicorn until interrupted."""
     import uvicorn
 
-    settings = Settings(str(Path(model).resolve()), max_upload_bytes, max_pixels)
+    settings = Settings(
+        str(Path(model).resolve()),
+        max_upload_bytes,
+        max_pixels,
+        batch_wait_ms=batch_wait_ms,
+        max_batch=max_batch,
+    )
     read_config(settings.model)  # a bad model file fails here, with one line, before uvicorn
     os.environ[SETTINGS_ENV] = json.dumps(settings.__dict__)
     uvicorn.run(
