@@ -482,8 +482,9 @@ def serve(
         float,
         typer.Option(
             min=0,
-            help="Micro-batching: score the requests that arrive within this many ms of the "
-            "first waiting one with one predict call; 0 turns it off (one request at a time).",
+            help="Micro-batching: score the requests waiting and those arriving up to this many "
+            "ms after the first of them with one predict call; 0 turns it off (one request at a "
+            "time).",
         ),
     ] = 2.0,
     max_batch: Annotated[int, typer.Option(min=1, help="Most images in one micro-batch.")] = 16,

@@ -12,9 +12,9 @@
 The model (`.safetensors` or an ONNX export) is loaded once per worker process. Decoding, inference
 and heatmaps run on one dedicated thread, so requests queue for the CPU instead of fighting over it
 while the event loop stays free for health checks. Micro-batching: the thread scores the requests
-that arrive within `batch_wait_ms` of the first waiting one (up to `max_batch` images) with one
-`predict` call and hands each request its own results; `batch_wait_ms=0` scores one request at a
-time.
+waiting and those that arrive until `batch_wait_ms` after the first of them (up to `max_batch`
+images) with one `predict` call and hands each request its own results; `batch_wait_ms=0` scores
+one request at a time.
 
 Bad input is a 4xx JSON error `{"error", "detail"}`: a body over `max_upload_bytes` or more than
 `max_files` files (413), not multipart or a part that is not an image (415), an empty or missing
@@ -239,8 +239,9 @@ class Service:
             self._run(batch)
 
     def _gather(self, first: Job) -> tuple[list[Job], Job | None]:
-        """`first` and the jobs that arrive within `batch_wait_ms` of it, up to `max_batch` images
-        (`first` alone when batching is off); a job that does not fit is held for the next batch."""
+        """`first`, the jobs waiting and those that arrive until `batch_wait_ms` after `first` did,
+        up to `max_batch` images (`first` alone when batching is off); a job that does not fit is
+        held for the next batch."""
         batch, images = [first], len(first.parts)
         wait_s = self.settings.batch_wait_ms / 1000
         if wait_s <= 0:
