@@ -104,10 +104,14 @@ def _image_files(folder: Path) -> list[Path]:
         raise DataError(f"folder not found: {folder}")
     if not folder.is_dir():
         raise DataError(f"folder not found: {folder} is not a directory")
+    try:
+        entries = list(folder.iterdir())
+    except OSError as error:
+        raise DataError(f"cannot read folder {folder}: {error.strerror or error}") from error
     # A dangling link stays in the list: reading it then says so, rather than dropping it.
     files = (
         p
-        for p in folder.iterdir()
+        for p in entries
         if not p.name.startswith(".")
         and p.suffix.lower() in IMAGE_EXTENSIONS
         and (p.is_file() or (p.is_symlink() and not p.exists()))
