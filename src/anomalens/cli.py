@@ -47,6 +47,10 @@ app = typer.Typer(
 console = Console()
 errors = Console(stderr=True)
 
+ComputeThreads = Annotated[
+    int | None, typer.Option(help="Compute threads (default: torch's choice).")
+]
+
 METRIC_KEYS = ("image_auroc", "image_aupr", "image_f1_max", "pixel_auroc", "aupro")
 DEMO_IMAGE_SIZE = 128
 """The demo images are 128 px: no model needs a larger input for them."""
@@ -242,9 +246,7 @@ def predict(
     min_region_area: Annotated[
         int, typer.Option(help="Defect regions smaller than this many pixels are dropped.")
     ] = 0,
-    threads: Annotated[
-        int | None, typer.Option(help="Compute threads (default: torch's choice).")
-    ] = None,
+    threads: ComputeThreads = None,
 ) -> None:
     """Score images; stream one results row per image (path, relative_path, score, label,
     regions, overlay, error) and write heatmap overlays under out/overlays/<relative path>."""
@@ -341,9 +343,7 @@ def evaluate(
     out: Annotated[
         Path | None, typer.Option("--out", help="Also write overlays and an HTML page here.")
     ] = None,
-    threads: Annotated[
-        int | None, typer.Option(help="Compute threads (default: torch's choice).")
-    ] = None,
+    threads: ComputeThreads = None,
 ) -> None:
     """Metrics on an MVTec-layout test split (image AUROC/AUPR/F1-max, pixel AUROC, AUPRO)."""
     if json_file is not None:

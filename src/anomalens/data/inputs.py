@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from anomalens.data.io import IMAGE_EXTENSIONS
+from anomalens.data.io import IMAGE_EXTENSIONS, dangling_link
 from anomalens.errors import DataError
 
 LIST_PREFIX = "@"
@@ -65,7 +65,7 @@ def collect_inputs(inputs: Sequence[str | os.PathLike[str]], recursive: bool = F
         elif item.is_file():
             found.append((item, item.parent))
         elif item.is_symlink():
-            problems.append((item, item.parent, _dangling(item)))
+            problems.append((item, item.parent, dangling_link(item)))
         else:
             problems.append((item, item.parent, "file not found"))
     base = _common_folder([root for _, root in found] + [root for _, root, _ in problems])
@@ -130,11 +130,7 @@ def _walk(folder: Path, recursive: bool) -> Iterator[tuple[Path, str | None]]:
             elif entry.is_symlink():
                 files.append(path)
         for path in reversed(files):
-            yield path, None if path.exists() else _dangling(path)
-
-
-def _dangling(path: Path) -> str:
-    return f"dangling link to {os.readlink(path)}"
+            yield path, None if path.exists() else dangling_link(path)
 
 
 def _common_folder(roots: list[Path]) -> Path:

@@ -119,6 +119,11 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.name)
 
 
+def dangling_link(path: str | os.PathLike[str]) -> str:
+    """How errors describe a link whose target is gone."""
+    return f"dangling link to {os.readlink(path)}"
+
+
 def _read(
     source: str | os.PathLike[str] | io.BytesIO,
     convert: Callable[[Image.Image], np.ndarray],
@@ -145,7 +150,7 @@ def _read(
         raise
     except FileNotFoundError as exc:
         broken = isinstance(path, str | os.PathLike) and os.path.islink(path)
-        reason = f"dangling link to {os.readlink(path)}" if broken else "file not found"
+        reason = dangling_link(path) if broken else "file not found"
         raise ImageReadError(f"cannot read image {path}: {reason}") from exc
     except IsADirectoryError as exc:
         raise ImageReadError(f"cannot read image {path}: is a directory") from exc
