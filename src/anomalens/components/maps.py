@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -75,8 +76,11 @@ def anomaly_maps(
     return rows.to(scores) @ scores[:, 0] @ columns.to(scores).T
 
 
+@functools.lru_cache(maxsize=16)
+@torch.inference_mode(False)  # a plain tensor, usable with autograd whoever first built it
 def _resize_and_smooth(size: int, new_size: int, sigma: float) -> torch.Tensor:
-    """(new_size, size) matrix: `resize_maps` then `gaussian_blur` along one axis."""
+    """(new_size, size) matrix: `resize_maps` then `gaussian_blur` along one axis (a constant of
+    its arguments, kept for the next call: building it costs as much as using it)."""
     matrix = smoothing_matrix(new_size, sigma)
     return matrix if size == new_size else matrix @ resize_matrix(size, new_size)
 
