@@ -75,7 +75,7 @@ def nearest_by_matmul(
     product and a reduction so that it traces and exports to ONNX.
 
     The argmin is over |v|^2 - 2 q.v (`squared_norms` = |v|^2, precomputed; one `addmm`, no
-    temporaries the size of the product); the returned Euclidean distance |q - v*| is then
+    temporary besides the product itself); the returned Euclidean distance |q - v*| is then
     computed directly, free of the cancellation error of the expanded form.
     """
     flat = queries.reshape(-1, queries.shape[-1])

@@ -58,14 +58,14 @@ def find_regions(
     if anomaly_map.shape != mask.shape:
         raise DataError(f"anomaly map {anomaly_map.shape} and mask {mask.shape} differ in shape")
     labels, count = ndimage.label(mask, structure=EIGHT_CONNECTED)
-    areas = np.bincount(labels.ravel(), minlength=count + 1)
+    # Each measurement is one pass over the mask's pixels (scipy's labelled `maximum` sorts the
+    # whole image and `center_of_mass` rescans it): the same sums, in the same order.
+    pixels = np.flatnonzero(mask)
+    numbers = labels.ravel()[pixels]
+    areas = np.bincount(numbers, minlength=count + 1)
     kept = np.flatnonzero(areas[1:] >= min_area) + 1
     if not kept.size:
         return ()
-    # One pass over the mask's pixels per measurement (scipy's labelled `maximum` sorts the
-    # whole image and `center_of_mass` rescans it): the same sums, in the same order.
-    pixels = np.flatnonzero(labels)
-    numbers = labels.ravel()[pixels]
     values = anomaly_map.ravel()[pixels].astype(np.float64)  # one dtype: `maximum.at` is fast
     maxima = np.full(count + 1, -np.inf)
     np.maximum.at(maxima, numbers, values)
