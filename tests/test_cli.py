@@ -193,10 +193,6 @@ def test_models_lists_patchcore(monkeypatch, capsys) -> None:
 
 
 def test_python_dash_m_runs_the_same_command_line() -> None:
-    listed = subprocess.run(
-        [sys.executable, "-m", "anomalens", "models"], capture_output=True, text=True, check=True
-    )
-    assert "patchcore" in listed.stdout.split()
     bad = subprocess.run(
         [sys.executable, "-m", "anomalens", "info", "missing.safetensors"],
         capture_output=True,

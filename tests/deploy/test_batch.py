@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from anomalens.data.inputs import collect_inputs
@@ -42,35 +43,36 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def _command(model: Path, images: Path, out: Path, *extra: str) -> list[str]:
+def _arguments(model: Path, images: Path, out: Path, *extra: str) -> list[str]:
     folders = [str(images / "line_a"), str(images / "line_b")]
-    return [
-        sys.executable,
-        "-m",
-        "anomalens",
-        "predict",
-        str(model),
-        *folders,
-        "--out",
-        str(out),
-        *extra,
-    ]
+    return ["predict", str(model), *folders, "--out", str(out), "--threads", "1", *extra]
 
 
-def test_kill_9_then_resume_loses_nothing(patchcore_files, many_images, tmp_path) -> None:
+def _command(model: Path, images: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "anomalens", *_arguments(model, images, out, *extra)]
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_kill_9_then_resume_loses_nothing(
+    patchcore_files, many_images, tmp_path, monkeypatch, capsys, restore_threads
+) -> None:
+    """One uninterrupted run and the resumed one run here (one compute thread, as the killed
+    process), so only the killed run pays a fresh process's start."""
     model, _ = patchcore_files
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     whole = tmp_path / "whole"
-    subprocess.run(_command(model, many_images, whole), check=True, env=env, capture_output=True)
+    assert run(monkeypatch, capsys, *_arguments(model, many_images, whole))[0] == 0
     expected = {row["path"]: row for row in _rows(whole / "results.csv")}
     assert len(expected) == N_IMAGES
 
     cut = tmp_path / "cut"
     process = subprocess.Popen(
-        _command(model, many_images, cut),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        _command(model, many_images, cut), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     partial = cut / "results.csv.partial"
     deadline = time.monotonic() + 120
@@ -84,10 +86,8 @@ def test_kill_9_then_resume_loses_nothing(patchcore_files, many_images, tmp_path
     assert 40 <= written < N_IMAGES, "the run was killed part-way, with rows on disk"
     assert not (cut / "results.csv").exists()
 
-    resumed = subprocess.run(
-        _command(model, many_images, cut, "--resume"), env=env, capture_output=True, text=True
-    )
-    assert resumed.returncode == 0, resumed.stderr
+    code, _, err = run(monkeypatch, capsys, *_arguments(model, many_images, cut, "--resume"))
+    assert code == 0, err
     rows = _rows(cut / "results.csv")
     assert sorted(row["path"] for row in rows) == sorted(expected), "each image exactly once"
     for row in rows:
@@ -103,11 +103,8 @@ def test_ctrl_c_keeps_the_rows_and_says_how_to_resume(
     patchcore_files, many_images, tmp_path
 ) -> None:
     model, _ = patchcore_files
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "out"
-    process = subprocess.Popen(
-        _command(model, many_images, out), env=env, stderr=subprocess.PIPE, text=True
-    )
+    process = subprocess.Popen(_command(model, many_images, out), stderr=subprocess.PIPE, text=True)
     partial = out / "results.csv.partial"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (

@@ -140,6 +140,7 @@ class Detector(Scorer):
         order = np.random.default_rng(self.seed).permutation(len(images))
         held_out = sorted(order[: max(1, round(len(images) * self.validation_fraction))])
         scores, maps = self._fit_and_score_held_out(images, held_out)
+        self._make_fitted_tensors_plain()
         self.selection_ = None  # `auto_fit` sets it after this fit
         self.image_threshold_ = threshold_at_fpr(scores, self.target_fpr)
         if self.produces_maps:
@@ -153,6 +154,18 @@ class Detector(Scorer):
         self.threshold_source_ = "normal"
         self.skipped_images_ = skipped
         return self
+
+    @torch.inference_mode(False)
+    def _make_fitted_tensors_plain(self) -> None:
+        """Replace fitted tensors computed under inference mode by plain copies, which autograd
+        and `torch.export` can trace (an inference tensor makes the export fall back to its
+        twice as slow strict tracing)."""
+        for name in self.fitted_tensors:
+            part = getattr(self, name, None)
+            if isinstance(part, torch.Tensor) and part.is_inference():
+                setattr(self, name, part.clone())
+            elif isinstance(part, list):
+                setattr(self, name, [t.clone() if t.is_inference() else t for t in part])
 
     def _fit_and_score_held_out(
         self, images: list[ImageLike], held_out: list[int]
