@@ -7,7 +7,7 @@ int8: the nodes of the detector's networks (`ScoreGraph`'s submodules, found thr
 exporter's name scopes), except those that read a map of stride below `FLOAT_BELOW_STRIDE` (the
 stem and first stage of a CNN, where rounding is amplified most: quantising them too raised the
 EfficientNet-Lite0 features' relative error on MVTec bottle from 6-7% to 14-19% and cost PatchCore
-0.009 AUPRO; benchmarks/RESULTS.md). The nearest-neighbour search, distances, reductions and the
+0.008 AUPRO; benchmarks/RESULTS.md). The nearest-neighbour search, distances, reductions and the
 smoothing of the maps stay float.
 
 A model file does not hold its training images, so the normal images come with the export
