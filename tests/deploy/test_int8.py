@@ -38,10 +38,11 @@ def int8_file(patchcore_files, brick: Path) -> Path:
 def test_int8_graph_quantises_the_features_only(int8_file: Path) -> None:
     graph = onnx.load(str(int8_file))
     ops = {node.op_type for node in graph.graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear", "MatMul", "ArgMin"} <= ops
+    assert {"QuantizeLinear", "DequantizeLinear", "ArgMin"} <= ops
+    assert ops & {"MatMul", "Gemm"}  # the search's product (addmm exports as Gemm)
     made_by = {output: node.op_type for node in graph.graph.node for output in node.output}
     for node in graph.graph.node:
-        if node.op_type in ("MatMul", "ArgMin", "ReduceL2"):  # the search stays float
+        if node.op_type in ("MatMul", "Gemm", "ArgMin", "ReduceL2"):  # the search stays float
             assert all(made_by.get(name) != "DequantizeLinear" for name in node.input), node.name
     stem = next(node for node in graph.graph.node if node.op_type == "Conv")
     assert made_by.get(stem.input[0]) != "DequantizeLinear", "the stem reads stride 1: float"
