@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint format bench bench-deploy bench-reconstruction bench-flows bench-one-class
+.PHONY: venv demo test lint format bench bench-deploy bench-int8 bench-reconstruction bench-flows bench-one-class
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ bench: $(STAMP)
 bench-deploy: $(STAMP)
 	$(PY) benchmarks/onnx_runtime.py --json benchmarks/out/onnx_runtime.json
 	$(PY) benchmarks/load_test.py --json benchmarks/out/load_test.json
+
+bench-int8: $(STAMP)
+	$(PY) benchmarks/int8.py --json benchmarks/out/int8.json
 
 bench-reconstruction: $(STAMP)
 	nice -n 5 $(PY) benchmarks/reconstruction.py --json benchmarks/out/reconstruction.json

@@ -456,16 +456,45 @@ def export(
     ],
     output: Annotated[Path, typer.Option("--output", "-o", help="File to write (.onnx).")],
     fmt: Annotated[str, typer.Option("--format", help="Export format: onnx.")] = "onnx",
+    int8: Annotated[
+        bool,
+        typer.Option(
+            "--int8", help="Quantise the feature extractor to int8 (needs --calibration)."
+        ),
+    ] = False,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --int8: normal images to calibrate on and check with, e.g. the training "
+            "folder (an MVTec category uses train/good).",
+        ),
+    ] = None,
 ) -> None:
     """Export a model as one ONNX graph (pixels -> score, anomaly map) for ONNX Runtime."""
     if fmt not in FORMATS:
         raise AnomalensError(f"unknown export format {fmt!r}; available: {', '.join(FORMATS)}")
+    if int8 and calibration is None:
+        raise AnomalensError(
+            "--int8 needs --calibration FOLDER: normal images, e.g. the model's training folder"
+        )
+    if calibration is not None and not int8:
+        raise AnomalensError("--calibration is only used with --int8")
     check_writable_file(output, "export file")
+    images = None if calibration is None else training_images(calibration)
     detector = anomalens.load(model_file)
-    path = export_onnx(detector, output)
+    path = export_onnx(detector, output, int8=int8, calibration=images)
+    checked = "checked against torch"
+    if int8:
+        record = read_config(path)["int8"]
+        agreement = record["agreement"]
+        checked = (
+            f"int8, checked against the float model on {record['check_images']} held-out "
+            f"images and their synthetic defects: Spearman {agreement['spearman']:.3f}, "
+            f"{agreement['verdicts']:.1%} identical verdicts"
+        )
     console.print(
-        f"exported {detector.name} to {path} ({path.stat().st_size / 1e6:.1f} MB), checked "
-        f"against torch; use it with `anomalens predict {path} ...` or anomalens.OnnxModel"
+        f"exported {detector.name} to {path} ({path.stat().st_size / 1e6:.1f} MB), {checked}; "
+        f"use it with `anomalens predict {path} ...` or anomalens.OnnxModel"
     )
 
 

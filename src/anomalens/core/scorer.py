@@ -125,8 +125,7 @@ class Scorer:
         maps: list[np.ndarray | None] = []
         with torch.inference_mode():
             for batch in self._batches(images, description):
-                batch_scores, batch_maps = self._score_batch(batch.pixels)
-                self._apply_roi(batch_scores, batch_maps, batch.boxes)
+                batch_scores, batch_maps = self._score_prepared(batch)
                 scores.append(batch_scores)
                 resized = self._resize_maps(batch, batch_maps, full_size)
                 if full_size and self.roi_ is not None:
@@ -136,6 +135,20 @@ class Scorer:
                             m[~stretch_mask(self.roi_, m.shape)] = 0.0
                 maps.extend(resized)
         return np.concatenate(scores).astype(np.float64), maps
+
+    def score_prepared(self, batch: Batch) -> tuple[np.ndarray, list[np.ndarray | None]]:
+        """Scores (B,) and maps of a batch from `anomalens.data.preprocessing.iter_batches`, the
+        region of interest applied, each map at the model's input size cut to its image's box
+        (None for image-level models): what `fit` sets the thresholds from."""
+        self._check_fitted()
+        with torch.inference_mode():
+            scores, maps = self._score_prepared(batch)
+        return scores, self._resize_maps(batch, maps, full_size=False)
+
+    def _score_prepared(self, batch: Batch) -> tuple[np.ndarray, np.ndarray | None]:
+        scores, maps = self._score_batch(batch.pixels)
+        self._apply_roi(scores, maps, batch.boxes)
+        return scores, maps
 
     def _batches(self, images: Sequence[ImageLike], progress: str | None = None) -> Iterator[Batch]:
         """The images as model inputs, resized the way this model was fitted (`resize`)."""

@@ -11,7 +11,8 @@ its graph through `Detector.export_module()`; methods without one raise `ExportE
 The model's config (name, parameters, thresholds, training-set size, format version) and the
 preprocessing settings travel in the ONNX metadata, so `anomalens.OnnxModel(path)` predicts
 like the torch model with no other file. Every export is run once under ONNX Runtime and checked
-against the torch model before it is kept.
+against the torch model before it is kept. With `int8`, the checked float graph is then quantised
+(`anomalens.deploy.int8`), calibrated and checked on normal `calibration` images.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,8 @@ import torch
 
 from anomalens.core.detector import Detector
 from anomalens.core.model_file import CONFIG_KEY
-from anomalens.data.preprocessing import KEEP_MULTIPLE, LETTERBOX_FILL
+from anomalens.data.preprocessing import KEEP_MULTIPLE, LETTERBOX_FILL, ImageLike
+from anomalens.deploy.int8 import calibration_images, export_int8
 from anomalens.deploy.onnx_model import OnnxModel
 from anomalens.errors import ExportError
 from anomalens.features.handcrafted import HandcraftedFeatures
@@ -63,14 +67,36 @@ def preprocessing_config(image_size: int, resize: str = "squash") -> dict[str, A
     }
 
 
-def export_onnx(detector: Detector, path: str | Path, opset: int = OPSET) -> Path:
-    """Write a fitted detector as one ONNX file (weights inside) and check it against torch."""
+def export_onnx(
+    detector: Detector,
+    path: str | Path,
+    opset: int = OPSET,
+    *,
+    int8: bool = False,
+    calibration: Sequence[ImageLike] | None = None,
+) -> Path:
+    """Write a fitted detector as one ONNX file (weights inside) and check it against torch; with
+    `int8`, quantise it with the normal `calibration` images (e.g. its training images) and check
+    it against the float model (`anomalens.deploy.int8.export_int8`)."""
     if isinstance(detector, OnnxModel):
         raise ExportError(
             f"{detector.path} is already an ONNX export; export the .safetensors model"
         )
     detector._check_fitted()
     path = Path(path)
+    if not int8:
+        if calibration is not None:
+            raise ExportError("calibration images are only used by an int8 export (int8=True)")
+        return _export_float(detector, path, opset)
+    images = calibration_images(calibration)
+    with tempfile.TemporaryDirectory() as scratch:
+        float_path = _export_float(detector, Path(scratch) / "float.onnx", opset)
+        export_int8(detector, float_path, path, images)
+    return path
+
+
+def _export_float(detector: Detector, path: Path, opset: int) -> Path:
+    """The float graph of `detector` at `path`, checked against torch."""
     module = detector.export_module().eval()
     if any(isinstance(part, HandcraftedFeatures) for part in module.modules()):
         raise ExportError(

@@ -1,0 +1,286 @@
+"""int8 ONNX graphs: `anomalens export MODEL --format onnx --int8 --calibration FOLDER`.
+
+The float graph from `export_onnx` is quantised statically with ONNX Runtime's tools
+(`onnxruntime.quantization.quantize_static`): QDQ format, int8 weights per output channel,
+uint8 activations whose ranges (MinMax) come from normal images. Only the feature extractor is
+int8: the nodes of the detector's networks (`ScoreGraph`'s submodules, found through the
+exporter's name scopes), except those that read a map of stride below `FLOAT_BELOW_STRIDE` (the
+stem and first stage of a CNN, where rounding is amplified most: quantising them too raised the
+EfficientNet-Lite0 features' relative error on MVTec bottle from 6-7% to 14-19% and cost PatchCore
+0.008 AUPRO; benchmarks/RESULTS.md). The nearest-neighbour search, distances, reductions and the
+smoothing of the maps stay float.
+
+A model file does not hold its training images, so the normal images come with the export
+(`--calibration`, e.g. the training folder). A seeded part of them (`CALIBRATION_IMAGES` at
+most) calibrates the activations; the rest (`CHECK_IMAGES` at most) are held out for the
+thresholds and the check:
+
+- thresholds: each float threshold moves by how much quantisation moves the same quantile
+  (`threshold_at_fpr`, as `Detector.fit` uses: `target_fpr` of the image scores,
+  `pixel_target_fpr` of the map pixels) of the held-out images. Re-estimating them outright would
+  set them too low when these are training images, which a model scores lower than new normal
+  images (bottle, PatchCore: 20.9 against fit's 24.5);
+- check: the held-out images and a synthetic-defect copy of each (`synthetic_anomalies`) are
+  scored by the float model and by the int8 graph. The export is refused (`ExportError`) unless
+  Spearman's rank correlation of the defect copies' image scores is at least `MIN_SPEARMAN` and at
+  least `MIN_VERDICT_AGREEMENT` of all these images get the same verdict. Normal images' scores
+  lie in a narrow band that rounding reorders without changing a verdict (bottle: rho 0.42 over
+  them alone), so the order that must survive is the defects'.
+
+The thresholds, the settings and the check are stored in the ONNX metadata (`int8` in the
+config; `threshold_source` is `int8_calibration`).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from scipy.stats import spearmanr
+
+from anomalens.core.detector import Detector, readable_images
+from anomalens.core.model_file import CONFIG_KEY
+from anomalens.core.thresholds import threshold_at_fpr
+from anomalens.data.augment import synthetic_anomalies
+from anomalens.data.io import stretch_mask
+from anomalens.data.preprocessing import Batch, ImageLike, iter_batches
+from anomalens.deploy.onnx_model import OnnxModel
+from anomalens.errors import ExportError
+
+CALIBRATION_IMAGES = 32
+"""Images that set the activation ranges, at most: ONNX Runtime's calibrator keeps every
+calibrated tensor of every image in memory (32 images of 256 px for EfficientNet-Lite0: ~2 GB)."""
+CHECK_IMAGES = 200
+"""Held-out images for the thresholds and the check, at most."""
+MIN_IMAGES = 4
+FLOAT_BELOW_STRIDE = 4
+"""Network nodes reading a map of a smaller stride (the input and stride-2 maps) stay float."""
+MIN_SPEARMAN = 0.95
+"""Least Spearman rank correlation of the float and int8 scores of the synthetic defects (bottle,
+PatchCore: 0.999; the tests' synthetic brick texture at 128 px: 0.976-0.986)."""
+MIN_VERDICT_AGREEMENT = 0.95
+"""Least fraction of the check images with the same verdict from the float and int8 models."""
+THRESHOLD_SOURCE = "int8_calibration"
+NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+"""Node metadata of torch's ONNX exporter: the module path of the code that made the node."""
+
+
+def calibration_images(images: Sequence[ImageLike] | None) -> list[ImageLike]:
+    """The readable ones of the normal images given for an int8 export (at least `MIN_IMAGES`)."""
+    readable, _ = readable_images(images or [])
+    if len(readable) < MIN_IMAGES:
+        raise ExportError(
+            f"an int8 export needs at least {MIN_IMAGES} readable normal images to calibrate "
+            f"on (e.g. the training folder), got {len(readable)}"
+        )
+    return readable
+
+
+def export_int8(
+    detector: Detector,
+    float_path: Path,
+    path: Path,
+    images: Sequence[ImageLike],
+    float_below_stride: int = FLOAT_BELOW_STRIDE,
+) -> dict[str, Any]:
+    """Quantise the float graph of `detector` at `float_path` into `path`, calibrated on the normal
+    `images`, with thresholds moved and checked as the module says; returns the `int8` record
+    stored in its metadata. Raises `ExportError` (nothing written) when the check fails."""
+    order = np.random.default_rng(detector.seed).permutation(len(images))
+    count = min(CALIBRATION_IMAGES, len(images) // 2)
+    activation = [images[i] for i in sorted(order[:count])]
+    held_out = [images[i] for i in sorted(order[count : count + CHECK_IMAGES])]
+    networks = [name for name, _ in detector.export_module().named_children()]
+    with tempfile.TemporaryDirectory() as scratch:
+        quantised = Path(scratch) / "int8.onnx"
+        size, batch_size, mode = detector.image_size, detector.batch_size, detector.input_mode
+        batches = iter_batches(activation, size, batch_size, "int8 calibration", mode)
+        nodes = quantise_graph(
+            float_path, quantised, (b.pixels for b in batches), networks, size, float_below_stride
+        )
+        int8 = OnnxModel(quantised)
+        thresholds, agreement = _compare(detector, int8, held_out)
+        record = {
+            "format": "QDQ, int8 weights per channel, uint8 activations (MinMax)",
+            "quantised_nodes": len(nodes),
+            "float_below_stride": float_below_stride,
+            "calibration_images": len(activation),
+            "check_images": len(held_out),
+            "float_thresholds": {
+                "image_threshold": detector.image_threshold_,
+                "pixel_threshold": detector.pixel_threshold_,
+            },
+            "agreement": agreement,
+            "tolerance": {"spearman": MIN_SPEARMAN, "verdicts": MIN_VERDICT_AGREEMENT},
+        }
+        if agreement["spearman"] < MIN_SPEARMAN or agreement["verdicts"] < MIN_VERDICT_AGREEMENT:
+            raise ExportError(
+                f"the int8 graph of {detector.name} does not agree with the float model on "
+                f"{len(held_out)} held-out normal images and their synthetic defects: Spearman "
+                f"{agreement['spearman']:.3f} (needs >= {MIN_SPEARMAN}), identical verdicts "
+                f"{agreement['verdicts']:.1%} (needs >= {MIN_VERDICT_AGREEMENT:.0%}); not written"
+            )
+        config = detector.model_config()
+        config["fitted"].update(thresholds, threshold_source=THRESHOLD_SOURCE)
+        config["int8"] = record
+        graph = onnx.load(str(quantised))
+    metadata = {entry.key: entry.value for entry in graph.metadata_props}
+    metadata[CONFIG_KEY] = json.dumps(config)
+    onnx.helper.set_model_props(graph, metadata)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(graph, str(path))
+    return record
+
+
+def quantise_graph(
+    float_path: Path,
+    path: Path,
+    calibration: Iterable[torch.Tensor],
+    networks: Sequence[str],
+    image_size: int,
+    float_below_stride: int = FLOAT_BELOW_STRIDE,
+) -> list[str]:
+    """Write the QDQ int8 version of the float graph at `float_path` to `path`: the nodes of the
+    modules `networks` that read maps of stride `float_below_stride` or more are quantised,
+    with activation ranges from the pixel batches `calibration`. Returns those nodes' names."""
+    from onnxruntime.quantization import (  # heavy, and only needed here: imported on first use
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    graph = onnx.load(str(float_path))
+    nodes = feature_nodes(graph, networks, image_size, float_below_stride)
+    if not nodes:
+        raise ExportError(f"{float_path} has no feature-extractor layers to quantise")
+    input_name = graph.graph.input[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, batches: Iterator[torch.Tensor]) -> None:
+            self.batches = batches
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            pixels = next(self.batches, None)
+            return None if pixels is None else {input_name: pixels.numpy()}
+
+    # It advises pre-processing (shape inference, graph rewrites) on the root logger: these
+    # graphs carry their shapes, and rewrites would lose the name scopes the nodes come from.
+    logging.disable(logging.WARNING)
+    try:
+        quantize_static(
+            graph,
+            str(path),
+            Reader(iter(calibration)),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_quantize=nodes,
+        )
+    finally:
+        logging.disable(logging.NOTSET)
+    return nodes
+
+
+def feature_nodes(
+    graph: onnx.ModelProto,
+    networks: Sequence[str],
+    image_size: int,
+    float_below_stride: int = FLOAT_BELOW_STRIDE,
+) -> list[str]:
+    """Names of the nodes made by the modules `networks` (top-level submodules of the exported
+    module) whose first input, for a `image_size` square image, is not a map of stride below
+    `float_below_stride`."""
+    heights = _input_heights(graph, image_size)
+    names = []
+    for node in graph.graph.node:
+        scopes = next((e.value for e in node.metadata_props if e.key == NAME_SCOPES), "[]")
+        path = ast.literal_eval(scopes)
+        if len(path) < 2 or path[1] not in networks:
+            continue
+        height = heights.get(node.input[0]) if node.input else None
+        if height is None or height * float_below_stride <= image_size:
+            names.append(node.name)
+    return names
+
+
+def _input_heights(graph: onnx.ModelProto, image_size: int) -> dict[str, int]:
+    """Height of every 4-d tensor of `graph` for one `image_size` square input."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(graph)
+    for dim, value in zip(
+        fixed.graph.input[0].type.tensor_type.shape.dim, (1, 3, image_size, image_size), strict=True
+    ):
+        dim.dim_value = value
+    inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
+    heights = {}
+    for value in [*inferred.graph.input, *inferred.graph.value_info]:
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) == 4 and dims[2].HasField("dim_value"):
+            heights[value.name] = dims[2].dim_value
+    return heights
+
+
+def _compare(
+    detector: Detector, int8: OnnxModel, images: list[ImageLike]
+) -> tuple[dict[str, float | None], dict[str, float]]:
+    """The thresholds of `int8` and its agreement with `detector` (Spearman of the defects' scores,
+    fraction of identical verdicts) on `images` (held-out normal images) and a synthetic-defect
+    copy of each."""
+    generator = torch.Generator().manual_seed(detector.seed)
+    scores: dict[str, list[np.ndarray]] = {"float": [], "int8": []}
+    defects: dict[str, list[np.ndarray]] = {"float": [], "int8": []}
+    pixels: dict[str, list[np.ndarray]] = {"float": [], "int8": []}
+    batches = iter_batches(
+        images, detector.image_size, detector.batch_size, "int8 check", detector.input_mode
+    )
+    for batch in batches:
+        copies, _, _ = synthetic_anomalies(list(batch.pixels), generator)
+        copy_batch = Batch(torch.stack(copies), batch.sizes, batch.boxes)
+        for key, model in (("float", detector), ("int8", int8)):
+            batch_scores, maps = model.score_prepared(batch)
+            scores[key].append(batch_scores)
+            defects[key].append(model.score_prepared(copy_batch)[0])
+            if detector.produces_maps:
+                # With a region of interest, the pixels inside it only, as `fit` counts them.
+                roi = detector.roi_
+                pixels[key].extend(
+                    (m if roi is None else m[stretch_mask(roi, m.shape)]).ravel() for m in maps
+                )
+    normal = {key: np.concatenate(value) for key, value in scores.items()}
+    defect = {key: np.concatenate(value) for key, value in defects.items()}
+    image_threshold = detector.image_threshold_ + _quantile_shift(normal, detector.target_fpr)
+    pixel_threshold = None
+    if detector.produces_maps:
+        flat = {key: np.concatenate(value) for key, value in pixels.items()}
+        pixel_threshold = detector.pixel_threshold_ + _quantile_shift(
+            flat, detector.pixel_target_fpr
+        )
+    verdicts = np.concatenate(
+        [
+            (normal["float"] > detector.image_threshold_) == (normal["int8"] > image_threshold),
+            (defect["float"] > detector.image_threshold_) == (defect["int8"] > image_threshold),
+        ]
+    )
+    rho = float(np.nan_to_num(spearmanr(defect["float"], defect["int8"]).statistic))
+    thresholds = {
+        "image_threshold": float(image_threshold),
+        "pixel_threshold": None if pixel_threshold is None else float(pixel_threshold),
+    }
+    return thresholds, {"spearman": rho, "verdicts": float(verdicts.mean())}
+
+
+def _quantile_shift(values: dict[str, np.ndarray], target_fpr: float) -> float:
+    """How far quantisation moves the threshold at `target_fpr` of the same normal values."""
+    return threshold_at_fpr(values["int8"], target_fpr) - threshold_at_fpr(
+        values["float"], target_fpr
+    )

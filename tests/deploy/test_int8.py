@@ -1,0 +1,123 @@
+"""int8 export: a QDQ graph with the search left float, scores that agree with the float model,
+thresholds re-estimated and recorded, and one-line refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from scipy.stats import spearmanr
+
+import anomalens
+from anomalens.data.mvtec import test_samples, training_images
+from anomalens.deploy import int8
+from anomalens.errors import ExportError
+from tests.deploy.test_export import run_cli
+
+
+@pytest.fixture(scope="session")
+def int8_file(patchcore_files, brick: Path) -> Path:
+    """The fixture PatchCore exported by the CLI as an int8 graph, calibrated on its own
+    training folder."""
+    from typer.testing import CliRunner
+
+    from anomalens.cli import app
+
+    model_file, _ = patchcore_files
+    path = model_file.with_name("int8.onnx")
+    arguments = ["export", str(model_file), "-o", str(path), "--int8", "--calibration", str(brick)]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    assert "Spearman" in result.output and "identical verdicts" in result.output
+    return path
+
+
+def test_int8_graph_quantises_the_features_only(int8_file: Path) -> None:
+    graph = onnx.load(str(int8_file))
+    ops = {node.op_type for node in graph.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "ArgMin"} <= ops
+    assert ops & {"MatMul", "Gemm"}  # the search's product (addmm exports as Gemm)
+    made_by = {output: node.op_type for node in graph.graph.node for output in node.output}
+    for node in graph.graph.node:
+        if node.op_type in ("MatMul", "Gemm", "ArgMin", "ReduceL2"):  # the search stays float
+            assert all(made_by.get(name) != "DequantizeLinear" for name in node.input), node.name
+    stem = next(node for node in graph.graph.node if node.op_type == "Conv")
+    assert made_by.get(stem.input[0]) != "DequantizeLinear", "the stem reads stride 1: float"
+
+
+def test_int8_scores_agree_and_thresholds_are_its_own(
+    int8_file: Path, patchcore_files, brick: Path
+) -> None:
+    model_file, _ = patchcore_files
+    torch_model = anomalens.load(model_file)
+    model = anomalens.load(int8_file)
+    assert isinstance(model, anomalens.OnnxModel)
+    paths = [sample.path for sample in test_samples(brick)]
+    float_scores = torch_model.decision_function(paths)
+    int8_scores = model.decision_function(paths)
+    assert spearmanr(float_scores, int8_scores).statistic >= int8.MIN_SPEARMAN
+    # every defect is still found; at most one normal image near the threshold changes verdict
+    float_labels = [p.label for p in torch_model.predict(paths)]
+    int8_labels = [p.label for p in model.predict(paths)]
+    defects = [s.label == 1 for s in test_samples(brick)]
+    assert all(label for label, defect in zip(int8_labels, defects, strict=True) if defect)
+    assert sum(a != b for a, b in zip(float_labels, int8_labels, strict=True)) <= 1
+
+    config = model.config
+    record = config["int8"]
+    assert config["fitted"]["threshold_source"] == "int8_calibration"
+    assert model.threshold_source_ == "int8_calibration"
+    assert model.image_threshold_ == config["fitted"]["image_threshold"]
+    assert model.image_threshold_ != torch_model.image_threshold_
+    assert model.pixel_threshold_ != torch_model.pixel_threshold_
+    assert record["float_thresholds"] == {
+        "image_threshold": torch_model.image_threshold_,
+        "pixel_threshold": torch_model.pixel_threshold_,
+    }
+    count = len(training_images(brick))
+    assert record["calibration_images"] + record["check_images"] == count
+    assert record["agreement"]["spearman"] >= int8.MIN_SPEARMAN
+    assert record["agreement"]["verdicts"] >= int8.MIN_VERDICT_AGREEMENT
+    metadata = {p.key: p.value for p in onnx.load(str(int8_file)).metadata_props}
+    assert json.loads(metadata["anomalens_preprocessing"])["size"] == [128, 128]
+
+
+def test_int8_export_refuses_a_graph_that_disagrees(
+    patchcore_files, brick: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    model_file, _ = patchcore_files
+    monkeypatch.setattr(int8, "MIN_SPEARMAN", 1.01)
+    monkeypatch.setattr(int8, "CALIBRATION_IMAGES", 2)
+    monkeypatch.setattr(int8, "CHECK_IMAGES", 2)
+    out = tmp_path / "refused.onnx"
+    code, _, err = run_cli(
+        monkeypatch, capsys, "export", model_file, "-o", out, "--int8", "--calibration", brick
+    )
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "does not agree with the float model" in err and "needs >= 1.01" in err
+    assert not out.exists()
+
+
+def test_int8_needs_calibration_images(patchcore_files, tmp_path: Path, monkeypatch, capsys):
+    model_file, _ = patchcore_files
+    out = tmp_path / "x.onnx"
+    code, _, err = run_cli(monkeypatch, capsys, "export", model_file, "-o", out, "--int8")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--int8 needs --calibration FOLDER" in err
+    code, _, err = run_cli(
+        monkeypatch, capsys, "export", model_file, "-o", out, "--calibration", tmp_path
+    )
+    assert code == 2 and "--calibration is only used with --int8" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run_cli(
+        monkeypatch, capsys, "export", model_file, "-o", out, "--int8", "--calibration", empty
+    )
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "no images in" in err
+    assert not out.exists()
+    few = [np.zeros((32, 32, 3), np.uint8)] * 3
+    with pytest.raises(ExportError, match="at least 4 readable normal images"):
+        int8.calibration_images(few)
