@@ -4,11 +4,12 @@
         [--baseline PATH_TO_AN_OLDER_CHECKOUT]
 
 Fits the default PatchCore on bottle's normal images, exports it to ONNX (fp32, and int8 when the
-export supports `--int8`), then times the whole command (decode, score, overlays, results file)
-for each variant: torch, ONNX Runtime fp32, ONNX Runtime int8, and, with `--baseline`, the torch
-predict of an older checkout (its `src/` on PYTHONPATH: "today's figure" before a change). Each
-timing runs in a fresh process that first does one untimed warm-up run; variants alternate within
-each repeat and the medians are reported (the machine is shared).
+export supports `--int8`, calibrated on `train/good`), then times the whole command (decode, score,
+overlays, results file) for each variant: torch, ONNX Runtime fp32, ONNX Runtime int8, and, with
+`--baseline`, the torch predict of an older checkout (its `src/` on PYTHONPATH, fitting its own
+model: "today's figure" before a change). Each timing runs in a fresh process that first does one
+untimed warm-up run; variants alternate within each repeat and the medians are reported (the
+machine is shared).
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ def timed(src: Path, model: Path, out: Path, folders: list[Path]) -> float:
     return float(result.stdout.strip().splitlines()[-1])
 
 
-def cli(*args: str) -> None:
-    env = {**os.environ, "PYTHONPATH": str(SRC)}
+def cli(*args: str, src: Path = SRC) -> None:
+    env = {**os.environ, "PYTHONPATH": str(src)}
     subprocess.run([sys.executable, "-m", "anomalens", *args], env=env, check=True)
 
 
@@ -69,12 +70,19 @@ def main() -> None:
         variants = {"torch": (SRC, model), "onnx fp32": (SRC, work / "fp32.onnx")}
         int8 = work / "int8.onnx"
         try:
-            cli("export", str(model), "-o", str(int8), "--int8", "--calibration", str(root))
+            calibration = str(root / "train" / "good")
+            cli("export", str(model), "-o", str(int8), "--int8", "--calibration", calibration)
             variants["onnx int8"] = (SRC, int8)
         except subprocess.CalledProcessError:
             print("int8 export not available; skipped", file=sys.stderr)
         if args.baseline is not None:
-            variants["torch, baseline"] = (args.baseline.resolve() / "src", model)
+            # The older checkout fits its own model: its model files may differ.
+            baseline_src, baseline_model = (
+                args.baseline.resolve() / "src",
+                work / "baseline.safetensors",
+            )
+            cli("fit", str(root), "-o", str(baseline_model), src=baseline_src)
+            variants["torch, baseline"] = (baseline_src, baseline_model)
         seconds: dict[str, list[float]] = {name: [] for name in variants}
         for repeat in range(args.repeats):
             for name, (src, path) in variants.items():
