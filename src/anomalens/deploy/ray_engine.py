@@ -8,7 +8,7 @@ unreadable one becomes an error row) and returns the rows and overlay PNGs. The 
 them, in input order, into the results store, chunk by chunk, as they arrive.
 
 An actor that dies (its process killed, its node lost) is restarted and its unfinished chunks run
-again (`max_restarts` / `max_task_retries`); a chunk's rows reach the driver once, when its task
+again (Ray Data gives its actor pools `max_restarts=-1`, `max_task_retries=-1`); a chunk's rows reach the driver once, when its task
 completes, so every image still has exactly one row. The model file and the images must be
 readable at the same paths on every node (shared storage).
 
@@ -100,8 +100,6 @@ def inspect_images_ray(
                 batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=count),
                 num_cpus=cpus,
-                max_restarts=-1,
-                max_task_retries=-1,
             )
             return _store_streamed(scored.iter_rows(), plan, store, out)
 
@@ -159,7 +157,10 @@ def _store_streamed(
         index = int(item["index"])
         chunk, todo = plan[index]
         row = json.loads(item["row"])
-        row["path"] = str(chunk[int(item["position"])].path)  # as given, not the actor's
+        given = str(chunk[int(item["position"])].path)
+        # the image named as given (as the local engine names it), not by the actor's absolute path
+        row["error"] = row["error"].replace(row["path"], given)
+        row["path"] = given
         gathered.setdefault(index, []).append((row, bytes(item["overlay"])))
         if len(gathered[index]) == len(todo):
             yield store_rows(out, store, gathered.pop(index))
