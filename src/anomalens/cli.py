@@ -587,5 +587,5 @@ def main() -> None:
     try:
         app()
     except AnomalensError as error:
-        errors.print(f"error: {error}", highlight=False, soft_wrap=True)
+        errors.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -1,0 +1,221 @@
+"""`predict --engine ray`: the local engine's rows and overlays, scored by Ray actors, on a local
+instance and on a three-node cluster on this machine; an actor killed mid-run loses nothing."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+from PIL import Image
+from ray.cluster_utils import Cluster
+
+import anomalens
+from anomalens.data.synthetic import normal_crop
+from anomalens.deploy.ray_engine import NEEDS_RAY
+from tests.test_cli import run
+
+ACTOR = "ray::MapWorker(MapBatches(ChunkScorer))"
+"""The process title of a scoring actor."""
+SOURCE = str(Path(anomalens.__file__).resolve().parents[1])
+RAY_OPTIONS = {
+    "include_dashboard": False,
+    "log_to_driver": False,
+    "logging_level": logging.ERROR,
+    # workers are separate processes: they import this checkout's anomalens
+    "runtime_env": {"env_vars": {"PYTHONPATH": SOURCE}},
+}
+
+
+@pytest.fixture(scope="module")
+def model(fitted_patchcore, tmp_path_factory) -> Path:
+    return fitted_patchcore.save(tmp_path_factory.mktemp("ray_model") / "model.safetensors")
+
+
+def _rows(out: Path) -> list[dict[str, str]]:
+    if (out / "results.parquet").exists():
+        table = pq.read_table(out / "results.parquet").to_pylist()
+        return [{k: "" if v is None else str(v) for k, v in row.items()} for row in table]
+    with open(out / "results.csv", newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _predict(monkeypatch, capsys, model: Path, inputs: list[Path], out: Path, *extra: str):
+    return run(monkeypatch, capsys, "predict", model, *inputs, "-r", "--out", out, *extra)
+
+
+def _assert_same(local: Path, ray_out: Path, *, exact: bool) -> None:
+    """The same rows in the same order; overlays byte for byte when `exact` (same threads)."""
+    expected, got = _rows(local), _rows(ray_out)
+    assert [r["path"] for r in got] == [r["path"] for r in expected]
+    for want, row in zip(expected, got, strict=True):
+        for column in ("relative_path", "label", "overlay", "error"):
+            assert row[column] == want[column], (column, row["path"])
+        if want["error"]:
+            continue
+        assert float(row["score"]) == pytest.approx(float(want["score"]), rel=1e-5)
+        picture = (ray_out / row["overlay"]).read_bytes()
+        if exact:
+            assert row["regions"] == want["regions"]
+            assert picture == (local / want["overlay"]).read_bytes()
+        else:
+            assert (
+                Image.open(ray_out / row["overlay"]).size == Image.open(local / row["overlay"]).size
+            )
+
+
+def test_bad_options_are_one_line_errors(model, brick, tmp_path, monkeypatch, capsys):
+    images = [brick / "test" / "good"]
+    for extra, message in [
+        (("--engine", "ray", "--actors", "0"), "--actors must be at least 1, got 0"),
+        (("--address", "auto"), "--address and --actors need --engine ray"),
+        (("--actors", "2"), "--address and --actors need --engine ray"),
+        (("--engine", "spark"), "--engine must be one of local, ray; got 'spark'"),
+        (("--engine", "ray", "--threads", "2"), "--threads is for the local engine"),
+    ]:
+        code, _, err = _predict(monkeypatch, capsys, model, images, tmp_path / "out", *extra)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    code, _, err = _predict(monkeypatch, capsys, model, images, tmp_path / "out", "--engine", "ray")
+    assert (code, err.strip()) == (2, f"error: {NEEDS_RAY}")
+    assert not ray.is_initialized()
+
+
+def test_starts_a_local_instance_and_shuts_it_down(
+    model, brick, with_unreadable, tmp_path, monkeypatch, capsys
+) -> None:
+    """No Ray connection and no --address: a local instance sized to the machine, one actor with
+    all its CPUs (so the local run here uses as many threads); bad images are rows."""
+    inputs = [brick / "test" / "hole", with_unreadable]
+    threads = str(os.cpu_count())
+    local = _predict(monkeypatch, capsys, model, inputs, tmp_path / "local", "--threads", threads)
+    ray_run = _predict(monkeypatch, capsys, model, inputs, tmp_path / "ray", "--engine", "ray")
+    assert local[0] == ray_run[0] == 2, ray_run  # exit 2: two inputs could not be read
+    assert "cut.png" in ray_run[2] and "notes.png" in ray_run[2]
+    assert not ray.is_initialized()
+    _assert_same(tmp_path / "local", tmp_path / "ray", exact=False)
+
+
+@pytest.fixture(scope="class")
+def local_ray() -> Iterator[None]:
+    ray.init(num_cpus=2, **RAY_OPTIONS)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.usefixtures("local_ray")
+class TestOnALocalInstance:
+    """Two actors of one CPU each, against the local engine with one thread: the same bytes."""
+
+    def test_same_rows_and_overlays_as_the_local_engine(
+        self, model, brick, with_unreadable, tmp_path, monkeypatch, capsys
+    ) -> None:
+        inputs = [brick / "test", with_unreadable]
+        local = _predict(monkeypatch, capsys, model, inputs, tmp_path / "local", "--threads", "1")
+        ray_run = _predict(
+            monkeypatch, capsys, model, inputs, tmp_path / "ray",
+            "--engine", "ray", "--actors", "2", "--format", "parquet",
+        )  # fmt: skip
+        assert local[0] == ray_run[0] == 2 and local[1] == ray_run[1]
+        assert ray.is_initialized(), "a connection it did not make is left open"
+        _assert_same(tmp_path / "local", tmp_path / "ray", exact=True)
+        assert len(_rows(tmp_path / "ray")) == 14 + 6
+
+    def test_resume_scores_only_what_is_missing(
+        self, model, brick, tmp_path, monkeypatch, capsys
+    ) -> None:
+        inputs = [brick / "test"]
+        whole, cut = tmp_path / "whole", tmp_path / "cut"
+        options = ("--engine", "ray", "--actors", "2")
+        assert _predict(monkeypatch, capsys, model, inputs, whole, *options)[0] == 0
+        shutil.copytree(whole, cut)
+        lines = (cut / "results.csv").read_text(encoding="utf-8").splitlines(keepends=True)
+        (cut / "results.csv.partial").write_text("".join(lines[:6]), encoding="utf-8")
+        (cut / "results.csv").unlink()
+        shutil.rmtree(cut / "overlays")
+        code, out, _ = _predict(monkeypatch, capsys, model, inputs, cut, *options, "--resume")
+        assert code == 0 and "9 images scored (5 kept from before)" in out
+        _assert_same(whole, cut, exact=True)
+        assert len(list((cut / "overlays").rglob("*.png"))) == 9
+
+
+def _descendants(title: str) -> list[int]:
+    """Processes of this test (children, grandchildren...) whose command line starts `title`."""
+    parents: dict[int, int] = {}
+    titles: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                titles[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes().decode()
+            except OSError:
+                continue
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    ours = {os.getpid()}
+    while grown := {pid for pid, parent in parents.items() if parent in ours} - ours:
+        ours |= grown
+    return sorted(pid for pid in ours if titles.get(pid, "").startswith(title))
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    """A head without CPUs and two one-CPU worker nodes: every actor runs on a worker node."""
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        for _ in range(2):
+            nodes.add_node(num_cpus=1)
+        nodes.wait_for_nodes()
+        ray.init(address=nodes.address, **RAY_OPTIONS)
+        yield nodes
+    finally:
+        ray.shutdown()
+        nodes.shutdown()
+
+
+def test_an_actor_killed_mid_run_on_a_cluster_loses_nothing(
+    model, tmp_path, cluster, monkeypatch, capsys
+) -> None:
+    rng = np.random.default_rng(1)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(96):
+        Image.fromarray(normal_crop("brick", rng, 128)).save(images / f"{i:03d}.png")
+    local, out = tmp_path / "local", tmp_path / "ray"
+    assert _predict(monkeypatch, capsys, model, [images], local, "--threads", "1")[0] == 0
+
+    killed: list[tuple[int, int]] = []  # (pid, rows stored by then)
+
+    def kill_one_actor() -> None:
+        partial = out / "results.csv.partial"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            stored = partial.read_bytes().count(b"\n") - 1 if partial.exists() else 0
+            actors = _descendants(ACTOR)
+            if stored > 0 and actors:
+                os.kill(actors[0], signal.SIGKILL)
+                killed.append((actors[0], stored))
+                return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_one_actor)
+    killer.start()
+    code, printed, err = _predict(monkeypatch, capsys, model, [images], out, "--engine", "ray")
+    killer.join()
+    assert code == 0, err
+    assert "96 images scored" in printed
+    assert killed and killed[0][1] < 96, "killed while images were still to score"
+    rows = _rows(out)
+    assert sorted(row["path"] for row in rows) == sorted(str(p) for p in images.glob("*.png"))
+    assert len({row["path"] for row in rows}) == len(rows) == 96, "each image exactly once"
+    _assert_same(local, out, exact=True)
