@@ -10,7 +10,6 @@ import shutil
 import signal
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -154,6 +153,9 @@ class TestOnALocalInstance:
         code, out, _ = _predict(monkeypatch, capsys, model, inputs, cut, *options)
         assert code == 0 and "9 images scored (5 kept from before)" in out
         _assert_same(whole, cut, exact=True)
+        code, out, _ = _predict(monkeypatch, capsys, model, inputs, cut, *options)
+        assert code == 0 and "0 images scored (14 kept from before)" in out
+        _assert_same(whole, cut, exact=True)
 
 
 def _descendants(title: str) -> list[int]:
@@ -200,27 +202,32 @@ def test_an_actor_killed_mid_run_on_a_cluster_loses_nothing(
     local, out = tmp_path / "local", tmp_path / "ray"
     assert _predict(monkeypatch, capsys, model, [images], local, "--threads", "1")[0] == 0
 
-    killed: list[tuple[int, int]] = []  # (pid, rows stored by then)
+    killed: list[tuple[list[int], int]] = []  # (the actors then, the first killed; rows stored)
+    restarted: list[int] = []
+    finished = threading.Event()
 
-    def kill_one_actor() -> None:
+    def kill_one_actor_and_see_it_restart() -> None:
         partial = out / "results.csv.partial"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        while not killed and not finished.wait(0.02):
             stored = partial.read_bytes().count(b"\n") - 1 if partial.exists() else 0
             actors = _descendants(ACTOR)
             if stored > 0 and actors:
                 os.kill(actors[0], signal.SIGKILL)
-                killed.append((actors[0], stored))
-                return
-            time.sleep(0.02)
+                killed.append((actors, stored))
+        while killed and not restarted and not finished.wait(0.05):
+            restarted.extend(set(_descendants(ACTOR)) - set(killed[0][0]))
 
-    killer = threading.Thread(target=kill_one_actor)
+    killer = threading.Thread(target=kill_one_actor_and_see_it_restart)
     killer.start()
-    code, printed, err = _predict(monkeypatch, capsys, model, [images], out, "--engine", "ray")
-    killer.join()
+    try:
+        code, printed, err = _predict(monkeypatch, capsys, model, [images], out, "--engine", "ray")
+    finally:
+        finished.set()
+        killer.join()
     assert code == 0, err
     assert "96 images scored" in printed
     assert killed and killed[0][1] < 96, "killed while images were still to score"
+    assert restarted, "Ray started a new actor process"
     rows = _rows(out)
     assert sorted(row["path"] for row in rows) == sorted(str(p) for p in images.glob("*.png"))
     assert len({row["path"] for row in rows}) == len(rows) == 96, "each image exactly once"

@@ -8,9 +8,9 @@ unreadable one becomes an error row) and returns the rows and overlay PNGs. The 
 them, in input order, into the results store, chunk by chunk, as they arrive.
 
 An actor that dies (its process killed, its node lost) is restarted and its unfinished chunks run
-again (Ray Data gives its actor pools `max_restarts=-1`, `max_task_retries=-1`); a chunk's rows reach the driver once, when its task
-completes, so every image still has exactly one row. The model file and the images must be
-readable at the same paths on every node (shared storage).
+again (Ray Data gives its actor pools `max_restarts=-1`, `max_task_retries=-1`); a chunk's rows
+reach the driver once, when its task completes, so every image still has exactly one row. The
+model file and the images must be readable at the same paths on every node (shared storage).
 
 Ray is an optional dependency (`anomalens[ray]`), imported only when this engine runs.
 """
@@ -85,6 +85,8 @@ def inspect_images_ray(
         count, cpus = _actor_shape(ray, actors)
 
         def engine(plan: Plan, store: ResultsStore, out: Path) -> Iterator[list[dict[str, Any]]]:
+            if not plan:  # a resumed run with every row written already
+                return iter(())
             items = [
                 {"index": index, "images": _describe(chunk, todo)}
                 for index, (chunk, todo) in enumerate(plan)
