@@ -96,7 +96,7 @@ def test_starts_a_local_instance_and_shuts_it_down(
 ) -> None:
     """No Ray connection and no --address: a local instance sized to the machine, one actor with
     all its CPUs (so the local run here uses as many threads); bad images are rows."""
-    inputs = [brick / "test" / "hole", with_unreadable]
+    inputs = [with_unreadable]
     threads = str(os.cpu_count())
     local = _predict(monkeypatch, capsys, model, inputs, tmp_path / "local", "--threads", threads)
     ray_run = _predict(monkeypatch, capsys, model, inputs, tmp_path / "ray", "--engine", "ray")
