@@ -84,7 +84,7 @@ def main() -> None:
                 out = Path(folder) / f"{engine}-{repeat}"
                 seconds[engine].append(_run(engine, model, inputs, out))
                 print(f"repeat {repeat} {engine}: {seconds[engine][-1]:.2f} s", flush=True)
-                if repeat == 0 and engine != "local":
+                if repeat == 0 and engine.startswith("ray"):
                     local, got = _results(Path(folder) / "local-0"), _results(out)
                     worst = max(abs(got[p][0] - s) / abs(s) for p, (s, _) in local.items())
                     same = all(got[p][1] == label for p, (_, label) in local.items())
