@@ -9,6 +9,9 @@ completed by an atomic rename at the end. `resume=True` keeps the rows already w
 only the images without one; images are batched on the same grid as in an uninterrupted run, so
 every score is the same.
 
+`run_inspection` is what every engine shares (results, resume, plan, progress): this module's
+threads score in the calling process, `anomalens.deploy.ray_engine` on Ray actors.
+
 Each row: `path`, `relative_path` (to the inputs' common folder), `score`, `label` (1 =
 anomalous), `regions` (JSON list, see `Region.to_dict`), `overlay` (the overlay's path under the
 output folder) and `error` (why an input could not be scored; empty otherwise).
