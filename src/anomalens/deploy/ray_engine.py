@@ -3,9 +3,9 @@
 The run is the local engine's (`anomalens.deploy.batch.run_inspection`): the same chunks, rows,
 overlays, results file and `--resume`; only the scoring moves. A Ray Data pipeline maps each chunk
 (the paths of one local batch, so every score is the same) through `ChunkScorer` actors, each of
-which loads the model once, sets torch's threads to its CPUs, decodes its images itself (an
-unreadable one becomes an error row) and returns the rows and overlay PNGs. The driver streams
-them, in input order, into the results store, chunk by chunk, as they arrive.
+which loads the model once, sets its threads (torch's, ONNX Runtime's) to its CPUs, decodes its
+images itself (an unreadable one becomes an error row) and returns the rows and overlay PNGs. The
+driver streams them, in input order, into the results store, chunk by chunk, as they arrive.
 
 An actor that dies (its process killed, its node lost) is restarted and its unfinished chunks run
 again (Ray Data gives its actor pools `max_restarts=-1`, `max_task_retries=-1`); a chunk's rows
@@ -40,6 +40,7 @@ from anomalens.deploy.batch import (
     run_inspection,
     store_rows,
 )
+from anomalens.deploy.onnx_model import OnnxModel
 from anomalens.errors import AnomalensError, ParameterError
 
 NEEDS_RAY = "--engine ray needs Ray: pip install 'anomalens[ray]'"
@@ -175,8 +176,10 @@ class ChunkScorer:
     def __init__(self, model_file: str, overlays: bool, min_region_area: int) -> None:
         ray = import_ray()
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-        torch.set_num_threads(max(1, int(cpus)))
-        self.scorer = anomalens.load(model_file)
+        threads = max(1, int(cpus))
+        torch.set_num_threads(threads)
+        onnx = Path(model_file).suffix.lower() == ".onnx"
+        self.scorer = OnnxModel(model_file, threads) if onnx else anomalens.load(model_file)
         self.overlays = overlays
         self.min_region_area = min_region_area
 
