@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -89,6 +90,13 @@ def test_bad_options_are_one_line_errors(model, brick, tmp_path, monkeypatch, ca
     code, _, err = _predict(monkeypatch, capsys, model, images, tmp_path / "out", "--engine", "ray")
     assert (code, err.strip()) == (2, f"error: {NEEDS_RAY}")
     assert not ray.is_initialized()
+
+
+def test_ray_is_imported_only_by_the_ray_engine() -> None:
+    check = "import sys, anomalens.cli; assert 'ray' not in sys.modules"
+    subprocess.run(
+        [sys.executable, "-c", check], check=True, env={**os.environ, "PYTHONPATH": SOURCE}
+    )
 
 
 def test_starts_a_local_instance_and_shuts_it_down(
