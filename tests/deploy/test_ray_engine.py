@@ -141,6 +141,15 @@ class TestOnALocalInstance:
         _assert_same(tmp_path / "local", tmp_path / "ray", exact=True)
         assert len(_rows(tmp_path / "ray")) == 14 + 6
 
+    def test_more_actors_than_cpus_is_an_error(self, model, brick, tmp_path, monkeypatch, capsys):
+        inputs = [brick / "test" / "good"]
+        options = ("--engine", "ray", "--actors", "3")
+        code, _, err = _predict(monkeypatch, capsys, model, inputs, tmp_path / "out", *options)
+        assert (code, err.strip()) == (
+            2,
+            "error: --actors 3 needs a CPU per actor; the Ray cluster has 2",
+        )
+
     def test_resume_scores_only_what_is_missing(
         self, model, brick, tmp_path, monkeypatch, capsys
     ) -> None:

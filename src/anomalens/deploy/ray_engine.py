@@ -133,7 +133,8 @@ def _connected(ray: ModuleType, address: str | None) -> Iterator[None]:
 
 def _actor_shape(ray: ModuleType, actors: int | None) -> tuple[int, int]:
     """How many actors, and the CPUs each reserves: an equal share of the cluster's, no more
-    than the smallest node has (so each node can hold one)."""
+    than the smallest node has (so each node can hold one); more actors than CPUs is an error
+    (they would wait for CPUs forever)."""
     nodes = [
         int(node["Resources"]["CPU"])
         for node in ray.nodes()
@@ -142,7 +143,12 @@ def _actor_shape(ray: ModuleType, actors: int | None) -> tuple[int, int]:
     if not nodes:
         raise AnomalensError("the Ray cluster has no node with a CPU to run actors on")
     count = actors or len(nodes)
-    return count, max(1, min(min(nodes), sum(nodes) // count))
+    cpus = max(1, min(min(nodes), sum(nodes) // count))
+    if sum(node // cpus for node in nodes) < count:
+        raise AnomalensError(
+            f"--actors {count} needs a CPU per actor; the Ray cluster has {sum(nodes)}"
+        )
+    return count, cpus
 
 
 def _describe(chunk: list[InputImage], todo: set[Path]) -> str:
