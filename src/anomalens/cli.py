@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,8 +28,9 @@ from anomalens.data.io import to_rgb_array
 from anomalens.data.mvtec import training_images
 from anomalens.data.synthetic import TEXTURES, make_dataset
 from anomalens.deploy.batch import FORMATS as BATCH_FORMATS
-from anomalens.deploy.batch import inspect_images
+from anomalens.deploy.batch import BatchSummary, inspect_images
 from anomalens.deploy.export import FORMATS, export_onnx
+from anomalens.deploy.ray_engine import inspect_images_ray
 from anomalens.errors import AnomalensError, check_choice
 from anomalens.evaluation.benchmark import DEFAULT_MODELS, parse_models, run_benchmark
 from anomalens.evaluation.evaluator import Evaluation
@@ -51,6 +54,7 @@ ComputeThreads = Annotated[
     int | None, typer.Option(help="Compute threads (default: torch's choice).")
 ]
 
+ENGINES = ("local", "ray")
 METRIC_KEYS = ("image_auroc", "image_aupr", "image_f1_max", "pixel_auroc", "aupro")
 DEMO_IMAGE_SIZE = 128
 """The demo images are 128 px: no model needs a larger input for them."""
@@ -247,17 +251,43 @@ def predict(
         int, typer.Option(help="Defect regions smaller than this many pixels are dropped.")
     ] = 0,
     threads: ComputeThreads = None,
+    engine: Annotated[
+        str,
+        typer.Option(help="Where to score: local (this process) or ray (a pool of Ray actors)."),
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="With --engine ray: the Ray cluster, auto or HOST:PORT (default: start a local "
+            "Ray instance sized to this machine)."
+        ),
+    ] = None,
+    actors: Annotated[
+        int | None,
+        typer.Option(
+            help="With --engine ray: scoring actors, each loading the model once and sharing the "
+            "cluster's CPUs equally (default: one per node)."
+        ),
+    ] = None,
 ) -> None:
     """Score images; stream one results row per image (path, relative_path, score, label,
     regions, overlay, error) and write heatmap overlays under out/overlays/<relative path>."""
     check_choice("--format", fmt, BATCH_FORMATS)
+    check_choice("--engine", engine, ENGINES)
+    if engine == "ray" and threads is not None:
+        raise AnomalensError("--threads is for the local engine; each Ray actor uses its CPUs")
+    if engine != "ray" and (address is not None or actors is not None):
+        raise AnomalensError("--address and --actors need --engine ray")
     check_writable_folder(out, "--out folder")
-    _set_threads(threads)
-    detector = anomalens.load(model_file)
+    run: Callable[..., BatchSummary]
+    if engine == "ray":
+        run = partial(inspect_images_ray, model_file, address=address, actors=actors)
+    else:
+        _set_threads(threads)
+        run = partial(inspect_images, anomalens.load(model_file))
     collected = collect_inputs(inputs, recursive=recursive)
     try:
-        summary = inspect_images(
-            detector,
+        summary = run(
             collected,
             out,
             fmt=fmt,
@@ -557,5 +587,5 @@ def main() -> None:
     try:
         app()
     except AnomalensError as error:
-        errors.print(f"error: {error}", highlight=False, soft_wrap=True)
+        errors.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)

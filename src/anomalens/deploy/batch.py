@@ -9,6 +9,9 @@ completed by an atomic rename at the end. `resume=True` keeps the rows already w
 only the images without one; images are batched on the same grid as in an uninterrupted run, so
 every score is the same.
 
+`run_inspection` is what every engine shares (results, resume, plan, progress): this module's
+threads score in the calling process, `anomalens.deploy.ray_engine` on Ray actors.
+
 Each row: `path`, `relative_path` (to the inputs' common folder), `score`, `label` (1 =
 anomalous), `regions` (JSON list, see `Region.to_dict`), `overlay` (the overlay's path under the
 output folder) and `error` (why an input could not be scored; empty otherwise).
@@ -22,7 +25,7 @@ import json
 import os
 import shutil
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +96,33 @@ def inspect_images(
 ) -> BatchSummary:
     """Score every input image, streaming rows (and overlays) into `out`; see the module doc.
     `store`: where the rows go (default: `results_store(out, fmt)`)."""
+
+    def engine(plan: Plan, store: ResultsStore, out: Path) -> Iterator[list[dict[str, Any]]]:
+        return _pipeline(scorer, plan, out, store, overlays, min_region_area)
+
+    return run_inspection(
+        engine, scorer.batch_size, inputs, out, fmt=fmt, resume=resume, store=store
+    )
+
+
+Plan = list[tuple[list[InputImage], set[Path]]]
+"""The chunks to score (the batches of an uninterrupted run), each with its images still to do."""
+Engine = Callable[[Plan, "ResultsStore", Path], Iterator[list[dict[str, Any]]]]
+"""What scores a plan: yields each chunk's new rows once its overlays and rows are stored."""
+
+
+def run_inspection(
+    engine: Engine,
+    batch_size: int,
+    inputs: Inputs,
+    out: str | os.PathLike[str],
+    *,
+    fmt: str = "csv",
+    resume: bool = False,
+    store: ResultsStore | None = None,
+) -> BatchSummary:
+    """What every engine shares: open (or resume) the results, row the skipped inputs, plan the
+    chunks of `batch_size` images, let `engine` score and store them, finish the results."""
     out = check_writable_folder(out)
     store = store or results_store(out, fmt)
     done = store.open(resume)
@@ -103,14 +133,12 @@ def inspect_images(
         summary.failed.extend((str(s.path), s.reason) for s in pending_skips)
     plan = [
         (chunk, {image.path for image in chunk if str(image.path) not in done})
-        for chunk in _chunks(inputs.images, scorer.batch_size)
+        for chunk in _chunks(inputs.images, batch_size)
     ]
     with make_progress() as bar:
         task = bar.add_task("inspecting", total=len(inputs.images), info="", unit="img")
         bar.advance(task, len(inputs.images) - sum(len(todo) for _, todo in plan))
-        for rows in _pipeline(
-            scorer, [p for p in plan if p[1]], out, store, overlays, min_region_area
-        ):
+        for rows in engine([p for p in plan if p[1]], store, out):
             summary.scored += sum(1 for row in rows if not row["error"])
             summary.anomalous += sum(1 for row in rows if row["label"] == 1)
             summary.failed.extend((row["path"], row["error"]) for row in rows if row["error"])
@@ -142,11 +170,11 @@ def _pipeline(
         ThreadPoolExecutor(1, "anomalens-read") as reader,
         ThreadPoolExecutor(1, "anomalens-write") as writer,
     ):
-        reads = deque(reader.submit(_read_chunk, chunk) for chunk, _ in plan[:AHEAD])
+        reads = deque(reader.submit(read_chunk, chunk) for chunk, _ in plan[:AHEAD])
         writes: deque[Future[list[dict[str, Any]]]] = deque()
         for index, (chunk, todo) in enumerate(plan):
             if index + AHEAD < len(plan):
-                reads.append(reader.submit(_read_chunk, plan[index + AHEAD][0]))
+                reads.append(reader.submit(read_chunk, plan[index + AHEAD][0]))
             arrays, rows = reads.popleft().result()
             # The whole chunk is scored, as in an uninterrupted run: same batches, same scores.
             predictions = (
@@ -162,7 +190,7 @@ def _pipeline(
             yield writes.popleft().result()
 
 
-def _read_chunk(chunk: list[InputImage]) -> tuple[dict[int, np.ndarray], list[dict[str, Any]]]:
+def read_chunk(chunk: list[InputImage]) -> tuple[dict[int, np.ndarray], list[dict[str, Any]]]:
     """The decoded images of `chunk` by position, and a row per position (error rows filled)."""
     arrays: dict[int, np.ndarray] = {}
     rows: list[dict[str, Any]] = [{} for _ in chunk]
@@ -186,27 +214,54 @@ def _write_chunk(
     threshold: float | None,
 ) -> list[dict[str, Any]]:
     """Write the overlays of `chunk`, then append the rows of its `todo` images; return them."""
+    finished = finish_chunk(chunk, todo, arrays, predictions, rows, overlays, threshold)
+    return store_rows(out, store, [(row, picture) for _, row, picture in finished])
+
+
+def finish_chunk(
+    chunk: list[InputImage],
+    todo: set[Path],
+    arrays: dict[int, np.ndarray],
+    predictions: list[Prediction],
+    rows: list[dict[str, Any]],
+    overlays: bool,
+    threshold: float | None,
+) -> list[tuple[int, dict[str, Any], bytes]]:
+    """For each `todo` image of a scored chunk: its position, its row and its overlay PNG
+    (`b""` when none); `rows` holds the error rows of the images that could not be read."""
+    pictures: dict[int, bytes] = {}
     for (i, array), prediction in zip(arrays.items(), predictions, strict=True):
         image = chunk[i]
-        picture = ""
+        name = ""
         if overlays and prediction.anomaly_map is not None and image.path in todo:
-            picture = f"{OVERLAYS}/{overlay_name(image.relative)}"
-            _write_overlay(out / picture, array, prediction, threshold)
-        rows[i] = _result_row(image, prediction, picture)
-    new = [row for row, image in zip(rows, chunk, strict=True) if image.path in todo]
-    store.append(new)
-    return new
+            name = f"{OVERLAYS}/{overlay_name(image.relative)}"
+            pictures[i] = overlay_png(array, prediction, threshold)
+        rows[i] = _result_row(image, prediction, name)
+    return [
+        (i, rows[i], pictures.get(i, b"")) for i, image in enumerate(chunk) if image.path in todo
+    ]
 
 
-def _write_overlay(
-    path: Path, image: np.ndarray, prediction: Prediction, threshold: float | None
-) -> None:
+def store_rows(
+    out: Path, store: ResultsStore, finished: list[tuple[dict[str, Any], bytes]]
+) -> list[dict[str, Any]]:
+    """Write the overlays, then append the rows (so a row on disk always has its overlay)."""
+    for row, picture in finished:
+        if picture:
+            replace_atomically(picture, out / row["overlay"])
+    rows = [row for row, _ in finished]
+    store.append(rows)
+    return rows
+
+
+def overlay_png(image: np.ndarray, prediction: Prediction, threshold: float | None) -> bytes:
+    """The heatmap overlay of a scored image, PNG-encoded."""
     picture = overlay(
         image, prediction.anomaly_map, threshold, prediction.mask, regions=prediction.regions
     )
     buffer = io.BytesIO()
     Image.fromarray(picture).save(buffer, format="PNG")
-    replace_atomically(buffer.getvalue(), path)
+    return buffer.getvalue()
 
 
 def _result_row(image: InputImage, prediction: Prediction, picture: str) -> dict[str, Any]:
