@@ -16,7 +16,7 @@ import pytest
 import anomalens
 from anomalens.data.mvtec import test_samples, training_images
 from anomalens.deploy.export import export_onnx
-from anomalens.errors import ExportError
+from anomalens.errors import ExportError, ParameterError
 
 # The smallest settings that still exercise each method (input 64 px unless given).
 CASES = {
@@ -44,6 +44,7 @@ CASES = {
     "rotnet": {"image_size": 32, "max_epochs": 2, "translation": 0.25},
     "cutpaste": {"max_epochs": 1, "batch_size": 4},
 }
+INCREMENTAL = {"patchcore", "padim", "gaussian", "knn"}
 NOT_EXPORTABLE = {"fastflow", "cflow", "tiled", "patchcore-handcrafted", "padim-handcrafted"}
 
 
@@ -111,6 +112,19 @@ def test_the_model_file_round_trips(fitted, data, tmp_path: Path) -> None:
     assert type(loaded) is type(model) and loaded.get_params() == before
     assert loaded.fitted_config() == model.fitted_config()
     assert_same(model.predict(data[1]), loaded.predict(data[1]))
+
+
+def test_partial_fit_leaves_the_parameters_unchanged(fitted, data, tmp_path: Path) -> None:
+    """Updated after a save and load (the fixture stays as fitted); the others refuse it."""
+    case, before, model = fitted
+    loaded = anomalens.load(model.save(tmp_path / "model.safetensors"))
+    if model_name(case) not in INCREMENTAL:
+        with pytest.raises(ParameterError, match="does not support partial_fit"):
+            loaded.partial_fit(data[0][:4])
+        return
+    loaded.partial_fit(data[0][:4])
+    assert loaded.get_params() == before
+    assert [u["images"] for u in loaded.updates_] == [4]
 
 
 def test_onnx_export_reproduces_the_model_where_supported(fitted, data, tmp_path: Path) -> None:

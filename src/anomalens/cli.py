@@ -21,6 +21,7 @@ from rich.table import Table
 import anomalens
 from anomalens import progress
 from anomalens.components.tiling import check_tiling
+from anomalens.core.detector import Detector
 from anomalens.core.model_file import read_config
 from anomalens.core.scorer import Scorer
 from anomalens.data.inputs import collect_inputs
@@ -31,7 +32,7 @@ from anomalens.deploy.batch import FORMATS as BATCH_FORMATS
 from anomalens.deploy.batch import BatchSummary, inspect_images
 from anomalens.deploy.export import FORMATS, export_onnx
 from anomalens.deploy.ray_engine import inspect_images_ray
-from anomalens.errors import AnomalensError, check_choice
+from anomalens.errors import AnomalensError, DataError, check_choice
 from anomalens.evaluation.benchmark import DEFAULT_MODELS, parse_models, run_benchmark
 from anomalens.evaluation.evaluator import Evaluation
 from anomalens.evaluation.evaluator import evaluate as evaluate_model
@@ -172,6 +173,66 @@ def fit(
     console.print(
         f"image threshold {detector.image_threshold_:.4g}, thresholds set on "
         f"{detector.n_validation_images_} held-out normal images; {skipped}saved {output}"
+    )
+
+
+@app.command()
+def update(
+    model_file: Annotated[
+        Path, typer.Argument(metavar="MODEL", help="Model file from `anomalens fit`.")
+    ],
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(
+            metavar="NEW_NORMALS...",
+            help="New normal images: folders (an MVTec category uses train/good) or image files.",
+        ),
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Updated model file to write (.safetensors).")
+    ],
+    old: Annotated[
+        Path | None,
+        typer.Option(
+            help="The normal images the model was fitted on (a folder; an MVTec category uses "
+            "train/good): a held-out part of them sets the thresholds with the held-out new "
+            "images. Without it, the held-out new images alone set them."
+        ),
+    ] = None,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict/--no-strict",
+            help="Stop at the first unreadable image instead of skipping it.",
+        ),
+    ] = False,
+) -> None:
+    """Learn from more normal images without refitting (partial_fit), set the thresholds again
+    and save the updated model. Supported by patchcore, padim, gaussian and knn."""
+    check_writable_file(output, "model file")
+    for item in [*inputs, *([] if old is None else [old])]:
+        if not item.exists():
+            raise DataError(f"not found: {item}")
+    detector = anomalens.load(model_file)
+    if not isinstance(detector, Detector):
+        raise AnomalensError(f"{model_file} is an ONNX export; update its .safetensors model file")
+    images = [
+        path for item in inputs for path in (training_images(item) if item.is_dir() else [item])
+    ]
+    old_images = None if old is None else training_images(old)
+    console.print(f"updating [bold]{detector.name}[/] with {len(images)} new normal images")
+    skipped_before = len(detector.skipped_images_)
+    detector.partial_fit(images, old_images=old_images, strict=strict)
+    detector.save(output)
+    skipped = _report_skipped(detector.skipped_images_[skipped_before:])
+    record = detector.updates_[-1]
+    pixel = detector.pixel_threshold_
+    console.print(
+        f"update {len(detector.updates_)}: image threshold {detector.image_threshold_:.4g}"
+        + ("" if pixel is None else f", pixel threshold {pixel:.4g}")
+        + f", set on {record['held_out_new']} held-out new and {record['held_out_old']} old "
+        f"normal images; {detector.n_train_images_} images learned in all; {skipped}"
+        f"saved {output}"
     )
 
 

@@ -33,8 +33,10 @@ def greedy_coreset(
     projection_dim: int = 64,
     seed: int = 0,
     description: str = "coreset",
+    size: int | None = None,
 ) -> np.ndarray:
-    """Indices of a greedy k-center coreset of `ratio` of the rows (PatchCore, Alg. 1).
+    """Indices of a greedy k-center coreset of `ratio` of the rows, or of `size` rows when given
+    (PatchCore, Alg. 1).
 
     Distances are computed in a Johnson-Lindenstrauss random projection to `projection_dim`
     dimensions, as in the paper; memory is O(N * projection_dim): no N x N distance matrix.
@@ -42,7 +44,7 @@ def greedy_coreset(
     """
     features = torch.as_tensor(features, dtype=torch.float32)
     count = features.shape[0]
-    target = max(1, min(count, round(count * ratio)))
+    target = max(1, min(count, round(count * ratio) if size is None else size))
     generator = torch.Generator().manual_seed(seed)
     if projection_dim and projection_dim < features.shape[1]:
         projection = torch.randn(features.shape[1], projection_dim, generator=generator)

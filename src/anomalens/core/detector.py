@@ -9,7 +9,8 @@ optionally replaces both thresholds by F1-optimal ones from an explicit labelled
 ends in `_`. Subclasses store their parameters with `self._store_params(locals())`, implement
 `_fit` and `_score_tensors` (or `_score_batch` where scoring leaves torch; only the first exports),
 list the fitted tensors and networks that make up the model file in `fitted_tensors` and rebuild
-the networks in `_build_state`.
+the networks in `_build_state`. Methods that can learn from more images without starting over
+implement `_update`, which `partial_fit` calls.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import inspect
 import os
 import random
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -50,6 +52,9 @@ class Detector(Scorer):
     """Fitted tensors (or lists of them, one per level) and networks that make up the model file's
     tensors, under the name without `_` (`FittedState`): `memory_bank_` as ``memory_bank``,
     `backbone_` as ``backbone.*``. A None one (a network a variant does not have) is left out."""
+    update_tensors: ClassVar[tuple[str, ...]] = ()
+    """The `fitted_tensors` that only `partial_fit` needs (running sums): None in a model loaded
+    from a file written before anomalens kept them, which loads and predicts but cannot update."""
     refit_on_all: ClassVar[bool] = False
     """Refit on every image once the thresholds are set, so the held-out images do not cost
     accuracy (methods whose fit is a single pass over the features; trained networks keep the
@@ -137,11 +142,93 @@ class Detector(Scorer):
             raise ParameterError(f"{self.name} gives no anomaly map, so it cannot take an roi")
         self.roi_ = None if roi is None else region_of_interest(roi)
         self._seed_everything()
-        order = np.random.default_rng(self.seed).permutation(len(images))
-        held_out = sorted(order[: max(1, round(len(images) * self.validation_fraction))])
+        held_out = self._held_out(len(images))
         scores, maps = self._fit_and_score_held_out(images, held_out)
         self._make_fitted_tensors_plain()
         self.selection_ = None  # `auto_fit` sets it after this fit
+        self._set_thresholds(scores, maps)
+        self.skipped_images_ = skipped
+        self.updates_: list[dict[str, Any]] = []
+        return self
+
+    def partial_fit(
+        self,
+        images: Sequence[ImageLike],
+        *,
+        old_images: Sequence[ImageLike] | None = None,
+        strict: bool = False,
+    ) -> Self:
+        """Learn from more normal images without forgetting the earlier ones (the model keeps
+        running sums or its memory bank, not the images), then set the thresholds again.
+
+        A model not fitted yet is fitted on `images` (`fit`). Otherwise a seeded
+        `validation_fraction` of the new images is held out, the model is updated with the others
+        (`_update`) and the thresholds are set, as `fit` sets them, on the held-out new images
+        and, given `old_images` (e.g. the folder the model was fitted on), on a seeded
+        `validation_fraction` of those too, drawn as `fit` draws its held-out part: from the same
+        images in the same order they are the images `fit` held out, which methods without
+        `refit_on_all` (gaussian, knn) never learned from; those with it (patchcore, padim)
+        learned from every training image, so their old images score a little lower than unseen
+        ones and the thresholds lean low (more false alarms, not fewer detections). Without
+        `old_images` the thresholds rest on the held-out new images only. With `refit_on_all`
+        the held-out new images are learned afterwards. Each update is recorded in `updates_`
+        (UTC time, images given, learned and held out), which the model file keeps.
+        """
+        if not hasattr(self, "image_threshold_"):
+            return self.fit(images, strict=strict)
+        if type(self)._update is Detector._update:
+            raise ParameterError(
+                f"{self.name} does not support partial_fit (incremental updates); "
+                "fit it again on all the images"
+            )
+        missing = [name for name in self.update_tensors if getattr(self, name, None) is None]
+        if missing:
+            raise ParameterError(
+                f"this {self.name} model file predates partial_fit (it has no "
+                f"{missing[0][:-1]!r}); fit it again on all the images"
+            )
+        images, skipped = readable_images(images, strict)
+        if len(images) < 2:
+            raise DataError(
+                f"partial_fit needs at least 2 new normal images, got {len(images)}"
+                f"{skipped_note(skipped)}"
+            )
+        old, old_skipped = readable_images(old_images or [], strict)
+        held_out = self._held_out(len(images))
+        skip = set(held_out)
+        learn = [image for i, image in enumerate(images) if i not in skip]
+        self._seed_everything()
+        self._update(learn)
+        validation = [images[i] for i in held_out]
+        old_held_out = [old[i] for i in self._held_out(len(old))] if old else []
+        scores, maps = self._score_all(validation + old_held_out, "thresholds")
+        if self.refit_on_all:
+            self._seed_everything()
+            self._update(validation)
+            learn = images
+        self._make_fitted_tensors_plain()
+        self._set_thresholds(scores, maps)
+        self.n_train_images_ += len(learn)
+        self.skipped_images_ = [*self.skipped_images_, *skipped, *old_skipped]
+        self.updates_.append(
+            {
+                "time": datetime.now(UTC).isoformat(timespec="seconds"),
+                "images": len(images),
+                "learned": len(learn),
+                "held_out_new": len(validation),
+                "held_out_old": len(old_held_out),
+            }
+        )
+        return self
+
+    def _held_out(self, count: int) -> list[int]:
+        """The seeded `validation_fraction` (at least one) of `count` images held out."""
+        order = np.random.default_rng(self.seed).permutation(count)
+        return sorted(order[: max(1, round(count * self.validation_fraction))])
+
+    def _set_thresholds(self, scores: np.ndarray, maps: list[np.ndarray | None]) -> None:
+        """Image and pixel thresholds at `target_fpr` / `pixel_target_fpr` of held-out normal
+        images' scores and maps."""
         self.image_threshold_ = threshold_at_fpr(scores, self.target_fpr)
         if self.produces_maps:
             # With a region of interest, the pixels inside it only (outside, maps are zero).
@@ -150,10 +237,8 @@ class Detector(Scorer):
             self.pixel_threshold_ = threshold_at_fpr(pixels, self.pixel_target_fpr)
         else:
             self.pixel_threshold_ = None
-        self.n_validation_images_ = len(held_out)
+        self.n_validation_images_ = len(scores)
         self.threshold_source_ = "normal"
-        self.skipped_images_ = skipped
-        return self
 
     @torch.inference_mode(False)
     def _make_fitted_tensors_plain(self) -> None:
@@ -220,6 +305,7 @@ class Detector(Scorer):
         config = {
             **self.threshold_config(),
             "skipped_images": self.skipped_images_,
+            "updates": self.updates_,
             **self._fitted_fields(),
         }
         if getattr(self, "selection_", None) is not None:
@@ -233,6 +319,7 @@ class Detector(Scorer):
         """Rebuild fitted state from a model file's tensors and fitted config."""
         self.restore_thresholds(fitted)
         self.skipped_images_ = fitted.get("skipped_images", [])  # none in older model files
+        self.updates_ = fitted.get("updates", [])
         self._restore_fields(fitted)
         if "selection" in fitted:
             self.selection_ = fitted["selection"]
@@ -261,7 +348,12 @@ class Detector(Scorer):
         for name in self.fitted_tensors:
             part = getattr(self, name, _UNSET)
             if tensors is not None and part is not None and not isinstance(part, torch.nn.Module):
-                part = stored_part(name[:-1], tensors)
+                try:
+                    part = stored_part(name[:-1], tensors)
+                except KeyError:
+                    if name not in self.update_tensors:
+                        raise
+                    part = None  # a file written before partial_fit
             parts[name[:-1]] = part
         return parts
 
@@ -273,6 +365,11 @@ class Detector(Scorer):
 
     # ---- what a method implements ----------------------------------------------------------
     def _fit(self, images: list[ImageLike]) -> None:
+        raise NotImplementedError
+
+    def _update(self, images: list[ImageLike]) -> None:
+        """Learn from more normal images, keeping what was learned (`partial_fit`); methods that
+        do not implement it cannot be updated."""
         raise NotImplementedError
 
     def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:

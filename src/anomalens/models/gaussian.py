@@ -8,6 +8,10 @@ of Normal Data in Pre-Trained Deep Features for Anomaly Detection", ICPR 2020).
    covariance is singular or ill-conditioned when there are fewer images than channels).
 3. The anomaly score is the Mahalanobis distance to the Gaussian, summed over the levels.
 
+The model keeps the running sums the Gaussians are estimated from (`Moments`, with the fourth
+moments the Ledoit-Wolf shrinkage needs), so `partial_fit` gives what one fit on all the images
+would, up to float rounding.
+
 Image-level only: `anomaly_map` is None.
 """
 
@@ -15,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from anomalens.components.density import fit_gaussian, mahalanobis
+from anomalens.components.density import Moments, ledoit_wolf_precision, mahalanobis
 from anomalens.core.detector import Detector
 from anomalens.core.registry import register
 from anomalens.data.preprocessing import ImageLike
@@ -29,8 +33,19 @@ class Gaussian(Detector):
 
     name = "gaussian"
     fitted_fields = ("layers_",)
-    fitted_tensors = ("backbone_", "mean_", "precision_")
-    """`mean_` and `precision_`: one per feature level."""
+    fitted_tensors = (
+        "backbone_",
+        "mean_",
+        "precision_",
+        "count_",
+        "shift_",
+        "total_",
+        "scatter_",
+        "weighted_",
+        "quartic_",
+    )
+    """`mean_`, `precision_` and the running sums but `count_`: one per feature level."""
+    update_tensors = ("count_", "shift_", "total_", "scatter_", "weighted_", "quartic_")
     produces_maps = False
 
     def __init__(
@@ -52,14 +67,37 @@ class Gaussian(Detector):
         layers = self.layers or [module for module, _, _ in feature_levels(self.backbone)]
         self.backbone_ = create_backbone(self.backbone, layers, self.weights)
         self.layers_ = list(self.backbone_.layers)
+        self.count_ = None
+        self._update(images)
+
+    def _update(self, images: list[ImageLike]) -> None:
+        """Add the images' pooled vectors to each level's sums (float64, about the first
+        images' mean), then re-estimate each level's Gaussian."""
         vectors = pooled_dataset_features(
             self.backbone_, images, self.image_size, self.batch_size
         ).double()
-        self.mean_, self.precision_ = [], []
-        for level in torch.split(vectors, list(self.backbone_.channels), dim=1):
-            mean, precision = fit_gaussian(level)
-            self.mean_.append(mean)
-            self.precision_.append(precision)
+        levels = torch.split(vectors, list(self.backbone_.channels), dim=1)
+        if self.count_ is None:
+            moments = [Moments.start(level, fourth=True) for level in levels]
+        else:
+            moments = [
+                Moments(self.count_.clone(), *parts)
+                for parts in zip(
+                    self.shift_,
+                    self.total_,
+                    self.scatter_,
+                    self.weighted_,
+                    self.quartic_,
+                    strict=True,
+                )
+            ]
+        for level, sums in zip(levels, moments, strict=True):
+            sums.add(level)
+        self.count_ = moments[0].count
+        for name in ("shift", "total", "scatter", "weighted", "quartic"):
+            setattr(self, f"{name}_", [getattr(sums, name) for sums in moments])
+        self.mean_ = [sums.mean() for sums in moments]
+        self.precision_ = [ledoit_wolf_precision(sums) for sums in moments]
 
     def _score_tensors(self, pixels: torch.Tensor) -> tuple[torch.Tensor, None]:
         vectors = pooled_features(self.backbone_(pixels))

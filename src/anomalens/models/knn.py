@@ -7,7 +7,8 @@ Anomaly Detection", arXiv:2002.10445, 2020).
    (the paper's default k = 2), found exactly with FAISS; the exported ONNX graph does the same
    search as a matrix product and a top-k (`anomalens.components.neighbors.k_nearest_by_matmul`).
 
-Image-level only: `anomaly_map` is None.
+Image-level only: `anomaly_map` is None. The model keeps every training image's vector, so
+`partial_fit` appends the new images' vectors (no subsampling, as in `fit`).
 """
 
 from __future__ import annotations
@@ -56,8 +57,14 @@ class KNN(Detector):
         layers = self.layers or [feature_levels(self.backbone)[-1][0]]
         self.backbone_ = create_backbone(self.backbone, layers, self.weights)
         self.layers_ = list(self.backbone_.layers)
+        self._set_features(self._vectors(images))
+
+    def _update(self, images: list[ImageLike]) -> None:
+        self._set_features(torch.cat([self.features_, self._vectors(images)]))
+
+    def _vectors(self, images: list[ImageLike]) -> torch.Tensor:
         vectors = pooled_dataset_features(self.backbone_, images, self.image_size, self.batch_size)
-        self._set_features(vectors.float().contiguous())
+        return vectors.float().contiguous()
 
     def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, None]:
         vectors = pooled_features(self.backbone_(pixels)).numpy()

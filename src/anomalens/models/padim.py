@@ -23,7 +23,9 @@ therefore 4x smaller and predicts 20-35% faster, with image AUROC, pixel AUROC a
 `feature_stride=None` is the paper's finest-layer grid.
 
 `fit` streams the images: sums and outer-product sums are accumulated batch by batch, so memory
-does not grow with the number of images.
+does not grow with the number of images. The sums are kept in the model (as large again as the
+precision matrices), so `partial_fit` adds new images to them and gives the mean and covariance
+that one fit on all the images would (`anomalens.components.density.Moments`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from anomalens.components.density import Moments
 from anomalens.components.maps import anomaly_maps
 from anomalens.core.detector import Detector
 from anomalens.core.registry import register
@@ -52,7 +55,18 @@ class PaDiM(Detector):
 
     name = "padim"
     fitted_fields = ("layers_",)
-    fitted_tensors = ("backbone_", "mean_", "precision_", "channels_")
+    fitted_tensors = (
+        "backbone_",
+        "mean_",
+        "precision_",
+        "channels_",
+        "count_",
+        "shift_",
+        "total_",
+        "scatter_",
+    )
+    update_tensors = ("count_", "shift_", "total_", "scatter_")
+    """The running sums of the embeddings per position (`Moments`)."""
     refit_on_all = True
 
     def __init__(
@@ -121,24 +135,28 @@ class PaDiM(Detector):
         check_resize(self.resize, ("squash", "letterbox"))
         self._build_backbone()
         self._prepare(self._select_channels())
-        # Sums of (embedding - shift) and of its outer products, with the first batch's mean as
-        # the shift: nearly centred data keeps the float32 covariance accurate.
-        count, shift, total, scatter = 0, None, None, None
+        self.count_ = None
+        self._update(images)
+
+    def _update(self, images: list[ImageLike]) -> None:
+        """Add the images' embeddings to the running sums, then re-estimate every position's
+        Gaussian. The sums are float32 about the first batch's mean: nearly centred data keeps
+        the covariance accurate."""
+        moments = None if self.count_ is None else self._moments()
         with torch.inference_mode():
             for batch in self._batches(images, "features"):
                 embedding = self._embed(batch.pixels).transpose(0, 1).contiguous()  # (P, B, d)
-                if shift is None:
-                    shift = embedding.mean(dim=1, keepdim=True)
-                    total = torch.zeros_like(shift[:, 0])
-                    scatter = torch.zeros(shift.shape[0], shift.shape[2], shift.shape[2])
-                centred = embedding - shift
-                total += centred.sum(dim=1)
-                scatter.baddbmm_(centred.transpose(1, 2), centred)
-                count += centred.shape[1]
-            mean = total / count
-            scatter -= count * mean[:, :, None] * mean[:, None, :]
-            self.mean_ = shift[:, 0] + mean
-            self.precision_ = self._precision(scatter / max(count - 1, 1))
+                if moments is None:
+                    moments = Moments.start(embedding)
+                moments.add(embedding)
+        assert moments is not None  # fit and partial_fit take at least one image
+        self.count_, self.shift_ = moments.count, moments.shift
+        self.total_, self.scatter_ = moments.total, moments.scatter
+        self.mean_ = moments.mean()
+        self.precision_ = self._precision(moments.covariance())
+
+    def _moments(self) -> Moments:
+        return Moments(self.count_, self.shift_, self.total_, self.scatter_)
 
     def _precision(self, covariance: torch.Tensor, chunk: int = 512) -> torch.Tensor:
         """Inverse of covariance + epsilon * (mean variance) * I, per position (float64 solve)."""

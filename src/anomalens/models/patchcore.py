@@ -14,6 +14,14 @@ predict time for the default ~2,000-patch bank, 1.4-1.8x for 9,000-20,000 patche
 benchmarks/RESULTS.md), and the reweighting gathers each bank patch's neighbours, found with FAISS
 at fit (or load) time.
 
+Bounded memory: the images are read in shards of `shard_images`. One shard (the default for up to
+500 images) is the paper's exact coreset of all patches. With more, each shard's patches are
+reduced to a greedy coreset of `SHARD_OVERSAMPLING` x `coreset_ratio` of them, and one greedy pass
+over the union of the shard coresets keeps `coreset_ratio` of all patches seen, so peak memory
+depends on the shard size, not on the number of images. `partial_fit` is the same mechanism: the
+new images' shard coresets join the bank and one greedy pass keeps `coreset_ratio` of all patches
+seen so far (`n_patches_`).
+
 Default `coreset_ratio=0.01`: the paper's PatchCore-1% is within 0.1-0.2 points of the 10% bank on
 MVTec AD, while a 10x smaller bank makes the nearest-neighbour search 10x cheaper at predict time
 and the coreset selection ~100x cheaper at fit time; raise it for very varied normal data.
@@ -33,15 +41,20 @@ from anomalens.errors import ParameterError
 from anomalens.features.backbones import DEFAULT_BACKBONE, create_backbone
 from anomalens.features.patches import aggregate_patches, flatten_patches
 
+SHARD_OVERSAMPLING = 2
+"""A shard keeps twice the final ratio of its patches, for the union's greedy pass to choose
+from."""
+
 
 @register
 class PatchCore(Detector):
     """PatchCore: nearest-neighbour distance of patch features to a coreset memory bank."""
 
     name = "patchcore"
-    fitted_fields = ("layers_", "damp_border_")
+    fitted_fields = ("layers_", "damp_border_", "n_patches_")
     """`damp_border_`: border patches damped (`aggregate_patches`); models fitted before it
-    existed (no such field in their file) keep the undamped features they were fitted with."""
+    existed (no such field in their file) keep the undamped features they were fitted with.
+    `n_patches_`: patches seen by fit and partial_fit, which the bank is `coreset_ratio` of."""
     fitted_tensors = ("backbone_", "memory_bank_")
     refit_on_all = True
 
@@ -55,6 +68,7 @@ class PatchCore(Detector):
         num_neighbors: int = 9,
         reweight: bool = True,
         smoothing_sigma: float = 4.0,
+        shard_images: int = 500,
         *,
         resize: str = "squash",
         image_size: int = 256,
@@ -74,6 +88,7 @@ class PatchCore(Detector):
 
     # ---- fit ---------------------------------------------------------------------------------
     def _fit(self, images: list[ImageLike]) -> None:
+        self._start()
         self._set_bank(self._coreset(images)[0])
 
     def _fit_and_score_held_out(
@@ -82,6 +97,7 @@ class PatchCore(Detector):
         """One feature pass and one coreset over all images; the held-out images are scored
         against the bank without their own patches, as if never seen (leave-out), and the whole
         bank is kept. Cheaper than learning twice, and nothing is held back from the model."""
+        self._start()
         bank, sources = self._coreset(images)
         self._set_bank(bank[~np.isin(sources, held_out)])
         result = self._score_all([images[i] for i in held_out], "thresholds")
@@ -89,15 +105,66 @@ class PatchCore(Detector):
         self.n_train_images_ = len(images)
         return result
 
-    def _coreset(self, images: list[ImageLike]) -> tuple[np.ndarray, np.ndarray]:
-        """The coreset of all patches of `images` and, per coreset patch, its image's index."""
+    def _update(self, images: list[ImageLike]) -> None:
+        """The bank and the new images' patches, reduced to `coreset_ratio` of all patches seen.
+        A model file from before `n_patches_` was kept counts its bank as `coreset_ratio` of
+        the patches it saw."""
+        if self.n_patches_ is None:
+            self.n_patches_ = round(len(self.memory_bank_) / self.coreset_ratio)
+        self._set_bank(self._coreset(images, self.memory_bank_.numpy())[0])
+
+    def _start(self) -> None:
+        """Check the parameters and build the backbone for a new bank."""
         if not 0 < self.coreset_ratio <= 1:
             raise ParameterError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+        if self.shard_images < 1:
+            raise ParameterError(f"shard_images must be at least 1, got {self.shard_images}")
         check_resize(self.resize)
         self.backbone_ = create_backbone(self.backbone, self.layers, self.weights)
         self.layers_ = list(self.backbone_.layers)
         self.damp_border_ = True
-        parts, sources, seen = [], [], 0
+        self.n_patches_ = 0
+
+    def _coreset(
+        self, images: list[ImageLike], bank: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The coreset of all patches of `images` and of the earlier ones that `bank` holds
+        (`coreset_ratio` of all patches seen) and, per coreset patch, its image's index (-1 for
+        the bank's). Each shard of `shard_images` images is reduced to its own coreset first,
+        unless the images are one shard and there is no bank: then it is the exact coreset."""
+        shards = range(0, len(images), self.shard_images)
+        reduce = len(shards) > 1 or bank is not None
+        parts = [] if bank is None else [bank]
+        sources = [] if bank is None else [np.full(len(bank), -1)]
+        for start in shards:
+            patches, source = self._patches(images[start : start + self.shard_images], start)
+            self.n_patches_ += len(patches)
+            if reduce:
+                keep = greedy_coreset(
+                    patches,
+                    min(1.0, SHARD_OVERSAMPLING * self.coreset_ratio),
+                    self.projection_dim,
+                    self.seed,
+                    "shard coreset",
+                )
+                patches, source = patches[keep], source[keep]
+            parts.append(patches)
+            sources.append(source)
+        # One part (the exact coreset) is used as it is: no copy of every patch.
+        union = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        source = np.concatenate(sources)
+        del parts
+        if self.coreset_ratio < 1:
+            size = max(1, round(self.n_patches_ * self.coreset_ratio))
+            selected = greedy_coreset(
+                union, self.coreset_ratio, self.projection_dim, self.seed, size=size
+            )
+            union, source = union[selected], source[selected]
+        return union, source
+
+    def _patches(self, images: list[ImageLike], offset: int) -> tuple[np.ndarray, np.ndarray]:
+        """All patch features of `images` and, per patch, its image's index (from `offset`)."""
+        parts, sources, seen = [], [], offset
         with torch.inference_mode():
             for batch in self._batches(images, "features"):
                 patches = flatten_patches(self._patch_features(batch.pixels)).numpy()
@@ -105,12 +172,7 @@ class PatchCore(Detector):
                 sources.append(np.repeat(np.arange(seen, seen + count), len(patches) // count))
                 parts.append(patches)
                 seen += count
-        bank, source = np.concatenate(parts), np.concatenate(sources)
-        del parts
-        if self.coreset_ratio < 1:
-            selected = greedy_coreset(bank, self.coreset_ratio, self.projection_dim, self.seed)
-            bank, source = bank[selected], source[selected]
-        return bank, source
+        return np.concatenate(parts), np.concatenate(sources)
 
     def _set_bank(self, bank: np.ndarray) -> None:
         """The bank, its squared norms (for the search) and each bank patch's `num_neighbors`
