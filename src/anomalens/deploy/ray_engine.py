@@ -120,7 +120,7 @@ def _connected(ray: ModuleType, address: str | None) -> Iterator[None]:
         yield
         return
     ray.init(
-        address=address,
+        address=address or "local",  # never a cluster that happens to run here, unless asked
         include_dashboard=False,
         log_to_driver=False,
         logging_level=logging.ERROR,
