@@ -104,20 +104,31 @@ def iter_batches(
     chunks = [images[start : start + batch_size] for start in range(0, len(images), batch_size)]
     if not chunks:
         return
-    with (
-        make_progress() as bar,
-        ThreadPoolExecutor(1, thread_name_prefix="anomalens-decode") as decoder,
-    ):
+    with make_progress() as bar:
         task = bar.add_task(
             progress or "", total=len(images), info="", unit="img", visible=bool(progress)
         )
-        pending = decoder.submit(_load_batch, chunks[0], size, mode)
-        for following in [*chunks[1:], None]:
-            batches, count = pending.result()
-            if following is not None:
-                pending = decoder.submit(_load_batch, following, size, mode)
+        for batches, count in _loaded(chunks, size, mode):
             yield from batches
             bar.advance(task, count)
+
+
+def _loaded(
+    chunks: list[Sequence[ImageLike]], size: int, mode: str
+) -> Iterator[tuple[list[Batch], int]]:
+    """`_load_batch` of each chunk, the next one in a thread while the caller works on this one.
+    A single chunk is loaded inline: there is nothing to overlap, and a fresh thread's first torch
+    call (its own thread pool) cost ~9 ms per batch-1 predict."""
+    if len(chunks) == 1:
+        yield _load_batch(chunks[0], size, mode)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="anomalens-decode") as decoder:
+        pending = decoder.submit(_load_batch, chunks[0], size, mode)
+        for following in [*chunks[1:], None]:
+            loaded = pending.result()
+            if following is not None:
+                pending = decoder.submit(_load_batch, following, size, mode)
+            yield loaded
 
 
 def _load_batch(images: Sequence[ImageLike], size: int, mode: str) -> tuple[list[Batch], int]:
