@@ -32,7 +32,7 @@ from anomalens.deploy.batch import FORMATS as BATCH_FORMATS
 from anomalens.deploy.batch import BatchSummary, inspect_images
 from anomalens.deploy.export import FORMATS, export_onnx
 from anomalens.deploy.ray_engine import inspect_images_ray
-from anomalens.errors import AnomalensError, DataError, check_choice
+from anomalens.errors import AnomalensError, DataError, ParameterError, check_choice
 from anomalens.evaluation.benchmark import DEFAULT_MODELS, parse_models, run_benchmark
 from anomalens.evaluation.evaluator import Evaluation
 from anomalens.evaluation.evaluator import evaluate as evaluate_model
@@ -608,8 +608,41 @@ def serve(
         ),
     ] = 2.0,
     max_batch: Annotated[int, typer.Option(min=1, help="Most images in one micro-batch.")] = 16,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Keep every inspection, review and model version here (a station); the "
+            "database is SQLite in this folder unless --db is given.",
+        ),
+    ] = None,
+    db: Annotated[
+        str | None,
+        typer.Option(help="Database URL instead of SQLite, e.g. postgresql://user@host/db."),
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            help="Require this token (role admin) on every route but /healthz; or set "
+            "ANOMALENS_TOKEN.",
+            show_default=False,
+        ),
+    ] = None,
+    tokens_file: Annotated[
+        Path | None,
+        typer.Option(help="File of tokens, one per line: NAME ROLE TOKEN (inspect/review/admin)."),
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option(help="Allow a non-loopback --host without any token.")
+    ] = False,
+    drift_window: Annotated[
+        int, typer.Option(min=10, help="Drift watch: compare the latest N inspections' scores.")
+    ] = 200,
+    drift_alpha: Annotated[
+        float, typer.Option(min=0, max=1, help="Drift watch: warn below this p-value.")
+    ] = 0.01,
 ) -> None:
-    """Serve a model over HTTP: POST /v1/predict, GET /v1/model, /healthz, /docs, web page at /."""
+    """Serve a model over HTTP: POST /v1/predict, GET /v1/model, /healthz, /docs, web page at /;
+    with --data-dir the station's history, reviews, model versions, drift watch and /metrics."""
     # FastAPI and uvicorn are needed by this command only: imported on first use
     from anomalens.deploy.serve import serve as run_service
 
@@ -621,6 +654,41 @@ def serve(
         max_upload_bytes=round(max_upload_mb * 1_000_000),
         batch_wait_ms=batch_wait_ms,
         max_batch=max_batch,
+        data_dir=data_dir,
+        db=db,
+        token=token,
+        tokens_file=tokens_file,
+        insecure=insecure,
+        drift_window=drift_window,
+        drift_alpha=drift_alpha,
+    )
+
+
+reviews_app = typer.Typer(help="The station's reviews.", no_args_is_help=True)
+app.add_typer(reviews_app, name="reviews")
+
+
+@reviews_app.command("export")
+def reviews_export(
+    folder: Annotated[Path, typer.Argument(metavar="DIR", help="Folder to write (MVTec layout).")],
+    data_dir: Annotated[Path, typer.Option(help="The station's data directory.")],
+    db: Annotated[
+        str | None, typer.Option(help="The station's database URL, if not SQLite.")
+    ] = None,
+) -> None:
+    """Write the reviewed images as an MVTec-layout test set: DIR/test/good (false alarms and
+    images marked normal) and DIR/test/defect (confirmed defects), for evaluate and calibrate."""
+    from anomalens.deploy.store import InspectionStore
+
+    if not (data_dir / "models").is_dir() and db is None:
+        raise ParameterError(f"{data_dir} is not a station's data directory (no models/ folder)")
+    store = InspectionStore(data_dir, db)
+    try:
+        counts = store.export_reviews(folder)
+    finally:
+        store.close()
+    console.print(
+        f"wrote {counts['good']} normal and {counts['defect']} defect images to {folder / 'test'}"
     )
 
 

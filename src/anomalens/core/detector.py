@@ -238,6 +238,7 @@ class Detector(Scorer):
         else:
             self.pixel_threshold_ = None
         self.n_validation_images_ = len(scores)
+        self.validation_scores_ = np.asarray(scores, dtype=np.float64)
         self.threshold_source_ = "normal"
 
     @torch.inference_mode(False)

@@ -34,6 +34,9 @@ class Scorer:
     batch_size: int
     roi_: np.ndarray | None = None
     """Region of interest (bool HxW, stretched to each image), or None: see `Detector.fit`."""
+    validation_scores_: np.ndarray | None = None
+    """The held-out normal images' scores the thresholds were set on (None in model files written
+    before they were kept): the reference a service compares its recent scores with (drift)."""
 
     # ---- thresholds ------------------------------------------------------------------------
     def calibrate(
@@ -71,6 +74,9 @@ class Scorer:
             "n_validation_images": self.n_validation_images_,
             "threshold_source": self.threshold_source_,
             "roi": None if self.roi_ is None else encode_mask(self.roi_),
+            "validation_scores": None
+            if self.validation_scores_ is None
+            else [float(score) for score in self.validation_scores_],
         }
 
     def restore_thresholds(self, fitted: dict[str, Any]) -> None:
@@ -82,6 +88,8 @@ class Scorer:
         self.n_validation_images_ = int(fitted["n_validation_images"])
         self.threshold_source_ = str(fitted["threshold_source"])
         self.roi_ = None if fitted.get("roi") is None else decode_mask(fitted["roi"])
+        scores = fitted.get("validation_scores")
+        self.validation_scores_ = None if scores is None else np.asarray(scores, dtype=np.float64)
 
     # ---- inference -------------------------------------------------------------------------
     def predict(self, images: Sequence[ImageLike], *, min_region_area: int = 0) -> list[Prediction]:

@@ -28,7 +28,6 @@ import asyncio
 import base64
 import contextlib
 import hashlib
-import io
 import json
 import os
 import queue
@@ -45,15 +44,27 @@ import numpy as np
 from fastapi import FastAPI, File, Query, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import anomalens
 from anomalens.core.model_file import read_config
 from anomalens.data.io import decode_image
-from anomalens.errors import ImageReadError
-from anomalens.evaluation.viz import heatmap_rgba
+from anomalens.deploy.access import TOKEN_ENV, Access, read_tokens
+from anomalens.deploy.station import (
+    DEFAULT_DRIFT_ALPHA,
+    DEFAULT_DRIFT_WINDOW,
+    ActiveModel,
+    DriftSettings,
+    Record,
+    Station,
+    StationError,
+    model_id,
+)
+from anomalens.deploy.station_api import MeasureRequests, Metrics, RequireToken, add_station_routes
+from anomalens.deploy.store import InspectionStore, NewInspection
+from anomalens.errors import ImageReadError, ParameterError
+from anomalens.evaluation.viz import heatmap_png
 
 DEFAULT_MAX_UPLOAD_BYTES = 20_000_000
 DEFAULT_MAX_PIXELS = 25_000_000
@@ -79,6 +90,14 @@ class Settings:
     max_files: int = DEFAULT_MAX_FILES
     batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS
     max_batch: int = DEFAULT_MAX_BATCH
+    data_dir: str | None = None
+    """Keep every inspection (the station, `anomalens.deploy.station`); None: keep nothing."""
+    db: str | None = None
+    """SQLAlchemy URL of the store's database; None: SQLite in `data_dir`."""
+    tokens: tuple[tuple[str, str, str], ...] = ()
+    """(name, role, SHA-256 of the token) of each accepted token (`anomalens.deploy.access`)."""
+    drift_window: int = DEFAULT_DRIFT_WINDOW
+    drift_alpha: float = DEFAULT_DRIFT_ALPHA
 
 
 class ServiceError(Exception):
@@ -121,6 +140,12 @@ class ImageResult(BaseModel):
         description="With ?heatmap=true: base64 RGBA PNG of the anomaly map at the image's "
         f"aspect ratio (longest side at most {HEATMAP_MAX_SIDE}), transparent where normal.",
     )
+    inspection_id: str | None = Field(
+        None, description="The stored inspection's id (null when the service keeps nothing)."
+    )
+    model_version: int | None = Field(
+        None, description="The model version that scored the image (null without a store)."
+    )
 
 
 class PredictResponse(BaseModel):
@@ -136,12 +161,14 @@ class ErrorResponse(BaseModel):
 class Health(BaseModel):
     status: str
     model_id: str
+    model_version: int | None = None
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in {
         400: "empty or missing upload, malformed multipart body",
+        401: "no token, or not a valid one (when the service requires tokens)",
         413: "request body over the size limit, or too many files",
         415: "not multipart/form-data, or a part that is not an image",
         422: "not a decodable image, more pixels than the limit, or a bad query parameter",
@@ -170,24 +197,55 @@ class Service:
         path = Path(settings.model)
         self.settings = settings
         self.config = read_config(path)
-        self.detector = anomalens.load(path)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-        self.model_id = f"{self.config['model']}-{digest}"
         self.runtime = "onnxruntime" if path.suffix.lower() == ".onnx" else "torch"
         self.filename = path.name
+        self.station: Station | None = None
+        if settings.data_dir is not None:
+            store = InspectionStore(settings.data_dir, settings.db)
+            drift = DriftSettings(settings.drift_window, settings.drift_alpha)
+            self.station = Station(store, path, drift)
+            self.fixed = self.station.model
+        else:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            self.fixed = ActiveModel(None, anomalens.load(path), model_id(self.config, digest))
         self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()  # None: stop
         self.predict_calls = self.images_scored = 0
+        self.metrics = Metrics()
         self.worker = threading.Thread(target=self._work, name="anomalens-inference", daemon=True)
         self.worker.start()
 
+    @property
+    def model(self) -> ActiveModel:
+        """The model version answering now."""
+        return self.fixed if self.station is None else self.station.model
+
+    @property
+    def detector(self) -> Any:
+        """The active version's model (a `Detector` or an `OnnxModel`)."""
+        return self.model.detector
+
+    @property
+    def model_id(self) -> str:
+        return self.model.model_id
+
     def close(self) -> None:
-        """Stop the inference thread once it has answered the requests queued so far."""
+        """Stop the inference thread once it has answered the requests queued so far, then the
+        store's writer once it has stored what was scored."""
         self.jobs.put(None)
+        if self.station is not None:
+            self.worker.join(timeout=60)
+            self.station.close()
 
     def describe(self) -> dict[str, Any]:
-        fitted = self.config["fitted"]
+        model = self.model
+        detector = model.detector
+        fitted = (
+            self.config["fitted"] if model.version is None else detector.model_config()["fitted"]
+        )
         return {
-            "model_id": self.model_id,
+            "model_id": model.model_id,
+            "model_version": model.version,
+            "store": self.station is not None,
             "model": self.config["model"],
             "file": self.filename,
             "runtime": self.runtime,
@@ -195,11 +253,11 @@ class Service:
             "format_version": self.config["format_version"],
             "anomalens_version": self.config.get("anomalens_version"),
             "params": self.config["params"],
-            "image_size": self.detector.image_size,
-            "produces_maps": self.detector.produces_maps,
+            "image_size": detector.image_size,
+            "produces_maps": detector.produces_maps,
             "thresholds": {
-                "image": self.detector.image_threshold_,
-                "pixel": self.detector.pixel_threshold_,
+                "image": detector.image_threshold_,
+                "pixel": detector.pixel_threshold_,
                 "source": fitted["threshold_source"],
             },
             "n_train_images": fitted["n_train_images"],
@@ -280,8 +338,9 @@ class Service:
         job is scored alone so that the error stays with the job that caused it."""
         images = [image for _, arrays in decoded for image in arrays]
         smallest = min(job.min_region_area for job, _ in decoded)
+        model = self.model if self.station is None else self.station.refresh()
         try:
-            predictions = self.detector.predict(images, min_region_area=smallest)
+            predictions = model.detector.predict(images, min_region_area=smallest)
         except Exception as error:
             if len(decoded) == 1:
                 _settle(decoded[0][0], error)
@@ -291,32 +350,79 @@ class Service:
             return
         self.predict_calls += 1
         self.images_scored += len(images)
+        for prediction in predictions:
+            self.metrics.images.labels("anomalous" if prediction.label else "normal").inc()
         start = 0
         for job, arrays in decoded:
             own = predictions[start : start + len(arrays)]
             start += len(arrays)
             try:
                 results = [
-                    self.result(name, image, prediction, job.heatmap, job.min_region_area)
+                    self.result(model, name, image, prediction, job.heatmap, job.min_region_area)
                     for (name, _), image, prediction in zip(job.parts, arrays, own, strict=True)
                 ]
             except Exception as error:
                 _settle(job, error)
             else:
-                _settle(job, results)
+                if self.station is None:
+                    _settle(job, results)
+                else:
+                    self._record(model, job, arrays, own, results)
+
+    def _record(
+        self,
+        model: ActiveModel,
+        job: Job,
+        arrays: list[np.ndarray],
+        predictions: list[anomalens.Prediction],
+        results: list[ImageResult],
+    ) -> None:
+        """Hand the job's inspections to the store's writer; the request is answered once they
+        are stored (or with 503 if they cannot be)."""
+        assert self.station is not None
+        pixel_threshold = model.detector.pixel_threshold_
+        items = [
+            NewInspection(
+                filename=result.filename,
+                image=data,
+                width=result.width,
+                height=result.height,
+                model_version=model.version or 0,
+                score=result.score,
+                threshold=result.threshold,
+                anomalous=result.anomalous,
+                regions=[region.to_dict() for region in prediction.regions],
+                anomaly_map=prediction.anomaly_map,
+                pixel_threshold=pixel_threshold,
+            )
+            for (_, data), prediction, result in zip(job.parts, predictions, results, strict=True)
+        ]
+
+        def stored(outcome: list[str] | Exception) -> None:
+            if isinstance(outcome, Exception):
+                detail = f"the inspection could not be stored ({type(outcome).__name__})"
+                _settle(job, ServiceError(503, "store_unavailable", detail))
+                return
+            for result, inspection_id in zip(results, outcome, strict=True):
+                result.inspection_id = inspection_id
+                result.model_version = model.version
+            _settle(job, results)
+
+        self.station.record(Record(items, stored))
 
     def result(
         self,
+        model: ActiveModel,
         name: str,
         image: np.ndarray,
         prediction: anomalens.Prediction,
         heatmap: bool,
         min_region_area: int,
     ) -> ImageResult:
-        threshold = float(self.detector.image_threshold_)
+        threshold = float(model.detector.image_threshold_)
         png = None
         if heatmap and prediction.anomaly_map is not None:
-            png = _heatmap_png(prediction.anomaly_map, self.detector.pixel_threshold_)
+            png = _heatmap_png(prediction.anomaly_map, model.detector.pixel_threshold_)
         return ImageResult(
             filename=name,
             score=prediction.score,
@@ -332,6 +438,7 @@ class Service:
                 if region.area >= min_region_area
             ],
             heatmap_png=png,
+            model_version=model.version,
         )
 
 
@@ -352,15 +459,7 @@ def _settle(job: Job, outcome: list[ImageResult] | Exception) -> None:
 
 def _heatmap_png(anomaly_map: np.ndarray, threshold: float) -> str:
     """Base64 PNG of the map's heatmap, shrunk first to at most `HEATMAP_MAX_SIDE` a side."""
-    height, width = anomaly_map.shape
-    scale = HEATMAP_MAX_SIDE / max(height, width)
-    if scale < 1:
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        resized = Image.fromarray(anomaly_map).resize(size, Image.Resampling.BILINEAR)
-        anomaly_map = np.asarray(resized)
-    buffer = io.BytesIO()
-    Image.fromarray(heatmap_rgba(anomaly_map, threshold)).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return base64.b64encode(heatmap_png(anomaly_map, threshold, HEATMAP_MAX_SIDE)).decode()
 
 
 def _decode_all(parts: list[tuple[str, bytes]], max_pixels: int) -> list[np.ndarray]:
@@ -486,10 +585,17 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.service = service
     app.add_middleware(UploadLimits, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(RequireToken, access=Access(list(settings.tokens)))
+    app.add_middleware(MeasureRequests, metrics=service.metrics)
+    add_station_routes(app, service.station, service.metrics)
 
     @app.exception_handler(ServiceError)
     async def service_error(_: Any, error: ServiceError) -> JSONResponse:
         return _error_response(error)
+
+    @app.exception_handler(StationError)
+    async def station_error(_: Any, error: StationError) -> JSONResponse:
+        return _error_response(ServiceError(error.status, error.code, str(error)))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Any, error: RequestValidationError) -> JSONResponse:
@@ -519,7 +625,8 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/healthz", response_model=Health)
     async def healthz() -> Health:
         """Liveness: answers while inference is busy."""
-        return Health(status="ok", model_id=service.model_id)
+        model = service.model
+        return Health(status="ok", model_id=model.model_id, model_version=model.version)
 
     @app.get("/v1/model")
     async def model_info() -> dict[str, Any]:
@@ -553,7 +660,9 @@ def create_app(settings: Settings) -> FastAPI:
 
 def app_from_environment() -> FastAPI:
     """uvicorn factory for `serve` (each worker process builds its app from the settings)."""
-    return create_app(Settings(**json.loads(os.environ[SETTINGS_ENV])))
+    values = json.loads(os.environ[SETTINGS_ENV])
+    values["tokens"] = tuple(tuple(entry) for entry in values["tokens"])
+    return create_app(Settings(**values))
 
 
 def serve(
@@ -565,18 +674,43 @@ def serve(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
     max_batch: int = DEFAULT_MAX_BATCH,
+    *,
+    data_dir: str | Path | None = None,
+    db: str | None = None,
+    token: str | None = None,
+    tokens_file: Path | None = None,
+    insecure: bool = False,
+    drift_window: int = DEFAULT_DRIFT_WINDOW,
+    drift_alpha: float = DEFAULT_DRIFT_ALPHA,
 ) -> None:
-    """Run the service with uvicorn until interrupted."""
+    """Run the service with uvicorn until interrupted. `token` (or `ANOMALENS_TOKEN`) and
+    `tokens_file` set who may use it; it refuses a non-loopback `host` without one unless
+    `insecure`."""
     import uvicorn
 
+    tokens = read_tokens(token or os.environ.get(TOKEN_ENV) or None, tokens_file)
+    if not tokens and not insecure and not _loopback(host):
+        raise ParameterError(
+            f"refusing to listen on {host} without a token: give --token, ANOMALENS_TOKEN or "
+            "--tokens-file (or --insecure to allow anyone who can reach the port)"
+        )
+    if db is not None and data_dir is None:
+        raise ParameterError("--db needs --data-dir (the images and model versions live there)")
     settings = Settings(
         str(Path(model).resolve()),
         max_upload_bytes,
         max_pixels,
         batch_wait_ms=batch_wait_ms,
         max_batch=max_batch,
+        data_dir=None if data_dir is None else str(Path(data_dir).resolve()),
+        db=db,
+        tokens=tuple(tokens),
+        drift_window=drift_window,
+        drift_alpha=drift_alpha,
     )
     read_config(settings.model)  # a bad model file fails here, with one line, before uvicorn
+    if settings.data_dir is not None:  # migrate and register the model once, before the workers
+        Station(InspectionStore(settings.data_dir, db), Path(settings.model)).close()
     os.environ[SETTINGS_ENV] = json.dumps(settings.__dict__)
     uvicorn.run(
         "anomalens.deploy.serve:app_from_environment",
@@ -585,3 +719,14 @@ def serve(
         port=port,
         workers=workers,
     )
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

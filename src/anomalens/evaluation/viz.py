@@ -44,6 +44,19 @@ def heatmap_rgba(anomaly_map: np.ndarray, threshold: float) -> np.ndarray:
     return np.concatenate([colours, alpha[..., None]], axis=-1)
 
 
+def heatmap_png(anomaly_map: np.ndarray, threshold: float, max_side: int) -> bytes:
+    """PNG bytes of `heatmap_rgba`, the map shrunk first to at most `max_side` pixels a side."""
+    height, width = anomaly_map.shape
+    scale = max_side / max(height, width)
+    if scale < 1:
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        resized = Image.fromarray(anomaly_map).resize(size, Image.Resampling.BILINEAR)
+        anomaly_map = np.asarray(resized)
+    buffer = io.BytesIO()
+    Image.fromarray(heatmap_rgba(anomaly_map, threshold)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def overlay(
     image: np.ndarray,
     anomaly_map: np.ndarray,
