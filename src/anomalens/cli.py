@@ -640,6 +640,13 @@ def serve(
     drift_alpha: Annotated[
         float, typer.Option(min=0, max=1, help="Drift watch: warn below this p-value.")
     ] = 0.01,
+    drift_reference: Annotated[
+        str,
+        typer.Option(
+            help="Drift watch reference: 'baseline' (the first --drift-window images a version "
+            "called normal here) or 'validation' (its held-out normal images' scores)."
+        ),
+    ] = "baseline",
 ) -> None:
     """Serve a model over HTTP: POST /v1/predict, GET /v1/model, /healthz, /docs, web page at /;
     with --data-dir the station's history, reviews, model versions, drift watch and /metrics."""
@@ -661,6 +668,7 @@ def serve(
         insecure=insecure,
         drift_window=drift_window,
         drift_alpha=drift_alpha,
+        drift_reference=drift_reference,
     )
 
 

@@ -63,7 +63,7 @@ from anomalens.deploy.station import (
 )
 from anomalens.deploy.station_api import MeasureRequests, Metrics, RequireToken, add_station_routes
 from anomalens.deploy.store import InspectionStore, NewInspection
-from anomalens.errors import ImageReadError, ParameterError
+from anomalens.errors import ImageReadError, ParameterError, check_choice
 from anomalens.evaluation.viz import heatmap_png
 
 DEFAULT_MAX_UPLOAD_BYTES = 20_000_000
@@ -98,6 +98,7 @@ class Settings:
     """(name, role, SHA-256 of the token) of each accepted token (`anomalens.deploy.access`)."""
     drift_window: int = DEFAULT_DRIFT_WINDOW
     drift_alpha: float = DEFAULT_DRIFT_ALPHA
+    drift_reference: str = "baseline"
 
 
 class ServiceError(Exception):
@@ -202,7 +203,9 @@ class Service:
         self.station: Station | None = None
         if settings.data_dir is not None:
             store = InspectionStore(settings.data_dir, settings.db)
-            drift = DriftSettings(settings.drift_window, settings.drift_alpha)
+            drift = DriftSettings(
+                settings.drift_window, settings.drift_alpha, settings.drift_reference
+            )
             self.station = Station(store, path, drift)
             self.fixed = self.station.model
         else:
@@ -682,12 +685,14 @@ def serve(
     insecure: bool = False,
     drift_window: int = DEFAULT_DRIFT_WINDOW,
     drift_alpha: float = DEFAULT_DRIFT_ALPHA,
+    drift_reference: str = "baseline",
 ) -> None:
     """Run the service with uvicorn until interrupted. `token` (or `ANOMALENS_TOKEN`) and
     `tokens_file` set who may use it; it refuses a non-loopback `host` without one unless
     `insecure`."""
     import uvicorn
 
+    check_choice("drift_reference", drift_reference, ("baseline", "validation"))
     tokens = read_tokens(token or os.environ.get(TOKEN_ENV) or None, tokens_file)
     if not tokens and not insecure and not _loopback(host):
         raise ParameterError(
@@ -707,6 +712,9 @@ def serve(
         tokens=tuple(tokens),
         drift_window=drift_window,
         drift_alpha=drift_alpha,
+        drift_reference=check_choice(
+            drift_reference, ("baseline", "validation"), "drift_reference"
+        ),
     )
     read_config(settings.model)  # a bad model file fails here, with one line, before uvicorn
     if settings.data_dir is not None:  # migrate and register the model once, before the workers

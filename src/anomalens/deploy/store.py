@@ -381,6 +381,20 @@ class InspectionStore:
             rows = session.execute(query).all()
         return [(row[0], float(row[1]), bool(row[2])) for row in reversed(rows)]
 
+    def first_scores(
+        self, version: int, count: int, *, anomalous: bool
+    ) -> list[tuple[datetime, float]]:
+        """The oldest `count` (time, score) of `version`'s inspections with that label."""
+        query = (
+            select(Inspection.created_at, Inspection.score)
+            .where(Inspection.model_version == version)
+            .where(Inspection.anomalous.is_(anomalous))
+            .order_by(Inspection.created_at, Inspection.id)
+            .limit(count)
+        )
+        with self.session() as session:
+            return [(row[0], float(row[1])) for row in session.execute(query).all()]
+
     def count(self) -> int:
         with self.session() as session:
             return int(session.scalar(select(func.count()).select_from(Inspection)) or 0)
