@@ -278,11 +278,16 @@ class Station:
 
     # ---- drift ----------------------------------------------------------------------------
     def drift(self, max_age: float = 2.0) -> dict[str, Any]:
-        """The drift statistic of the active version (recomputed at most every `max_age` s)."""
-        if time.monotonic() - self._drift.at < max_age:
-            return self._drift.value
-        settings = self.drift_settings
+        """The drift statistic of the active version (recomputed at most every `max_age` s, and
+        at once when another version has become active)."""
         model = self.model
+        cached = self._drift
+        if (
+            time.monotonic() - cached.at < max_age
+            and cached.value["model_version"] == model.version
+        ):
+            return cached.value
+        settings = self.drift_settings
         reference = getattr(model.detector, "validation_scores_", None)
         recent = self.store.recent_scores(model.version or 0, settings.window)
         labels = np.asarray([anomalous for _, _, anomalous in recent], dtype=bool)
