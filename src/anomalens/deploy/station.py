@@ -290,13 +290,18 @@ class Station:
 
     # ---- drift ----------------------------------------------------------------------------
     def drift(self, max_age: float = 2.0) -> dict[str, Any]:
-        """The drift test of the active version (recomputed at most every `max_age` s): the
-        scores of its latest `window` normal-labelled images against its reference, a two-sided
-        two-sample Kolmogorov-Smirnov test."""
-        if time.monotonic() - self._drift.at < max_age:
-            return self._drift.value
-        settings = self.drift_settings
+        """The drift test of the active version (recomputed at most every `max_age` s, and at
+        once when another version has become active): the scores of its latest `window`
+        normal-labelled images against its reference, a two-sided two-sample Kolmogorov-Smirnov
+        test."""
         model = self.model
+        cached = self._drift
+        if (
+            time.monotonic() - cached.at < max_age
+            and cached.value["model_version"] == model.version
+        ):
+            return cached.value
+        settings = self.drift_settings
         version = model.version or 0
         latest = self.store.recent_scores(version, settings.window)
         labels = np.asarray([anomalous for _, _, anomalous in latest], dtype=bool)
