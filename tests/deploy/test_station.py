@@ -7,8 +7,10 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -317,3 +319,37 @@ def test_reviews_export_writes_an_mvtec_test_folder(model_file, goods, defects, 
     }
     nowhere = runner.invoke(cli, ["reviews", "export", str(out), "--data-dir", str(tmp_path / "x")])
     assert nowhere.exit_code != 0 and "not a station's data directory" in str(nowhere.exception)
+
+
+def test_requests_during_update_and_rollback_are_all_answered(model_file, goods, tmp_path) -> None:
+    data = tmp_path / "station"
+    with station(model_file, data) as client:
+        for result in upload(client, *goods[:3]):
+            item = f"/v1/inspections/{result['inspection_id']}/review"
+            client.post(item, json={"verdict": "normal"})
+        stop = threading.Event()
+        answers: list[int] = []
+        versions: set[int] = set()
+
+        def keep_inspecting() -> None:
+            body = goods[4].read_bytes()
+            while not stop.is_set():
+                answer = client.post("/v1/predict", files={"file": ("g.png", body, "image/png")})
+                answers.append(answer.status_code)
+                if answer.status_code == 200:
+                    versions.add(answer.json()["results"][0]["model_version"])
+
+        with ThreadPoolExecutor(2) as pool:
+            running = [pool.submit(keep_inspecting) for _ in range(2)]
+            time.sleep(0.5)
+            assert client.post("/v1/models/update").status_code == 201
+            time.sleep(0.5)
+            assert client.post("/v1/models/1/activate").status_code == 200
+            time.sleep(0.5)
+            stop.set()
+            for future in running:
+                future.result()
+        total = client.get("/v1/inspections").json()["total"]
+    assert answers and set(answers) == {200}
+    assert versions == {1, 2}
+    assert total == 3 + len(answers)  # every answered request is stored, once
