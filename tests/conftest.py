@@ -1,8 +1,12 @@
-"""Shared fixtures: the synthetic demo category (small, fast), a PatchCore fitted on it and a
-folder of its normal images with two unreadable files among them."""
+"""Shared fixtures: the synthetic demo category (small, fast), a PatchCore fitted on it, a
+folder of its normal images with two unreadable files among them, and a throwaway PostgreSQL
+server."""
 
 from __future__ import annotations
 
+import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,7 @@ import torch
 import anomalens
 from anomalens.data.mvtec import training_images
 from anomalens.data.synthetic import make_category
+from tests.pg_server import PostgresServer, PostgresUnavailable
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
@@ -70,3 +75,39 @@ def patchcore_files(fitted_patchcore, tmp_path_factory) -> tuple[Path, Path]:
     result = CliRunner().invoke(app, ["export", str(model), "--format", "onnx", "-o", str(onnx)])
     assert result.exit_code == 0, result.output
     return model, onnx
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL server for the session (`tests/pg_server.py`; fsync off). Without
+    server binaries the tests that use it are skipped, except under CI (env var CI set), where
+    they fail: CI installs Debian's `postgresql` package (`.ci/run`)."""
+    try:
+        server = PostgresServer(durable=False)
+    except PostgresUnavailable as error:
+        unavailable = str(error)
+    else:
+        unavailable = ""
+    if unavailable:
+        if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
+            pytest.fail(f"CI is set and PostgreSQL cannot run: {unavailable}", pytrace=False)
+        pytest.skip(f"PostgreSQL tests skipped: {unavailable}")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """The URL (`postgresql+psycopg://...`) of a database created on the session's server."""
+    return postgres_server.create_database("anomalens")
+
+
+@pytest.fixture
+def fresh_postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """The URL of an empty database of its own for one test, dropped afterwards."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    yield postgres_server.create_database(name)
+    postgres_server.drop_database(name)

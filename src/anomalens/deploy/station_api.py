@@ -391,14 +391,18 @@ def add_station_routes(app: FastAPI, station: Station | None, metrics: Metrics) 
             headers={"Cache-Control": "private, max-age=86400"},
         )
 
-    @app.get("/v1/inspections/{inspection_id}/heatmap", response_class=FileResponse)
-    def inspection_heatmap(inspection_id: str, _: Inspector) -> FileResponse:
+    @app.get(
+        "/v1/inspections/{inspection_id}/heatmap",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}},
+    )
+    def inspection_heatmap(inspection_id: str, _: Inspector) -> Response:
         """The anomaly map as an RGBA PNG heatmap (transparent where normal)."""
-        path = need_station().store.heatmap_path(found(inspection_id))
-        if path is None:
+        png = need_station().store.heatmap_png(found(inspection_id))
+        if png is None:
             raise StationError(404, "not_found", "this model produces no anomaly maps")
-        return FileResponse(
-            path, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"}
+        return Response(
+            png, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"}
         )
 
     @app.post("/v1/inspections/{inspection_id}/review", response_model=InspectionOut)

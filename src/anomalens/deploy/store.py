@@ -3,8 +3,11 @@ database (SQLAlchemy: SQLite in the data directory by default, or PostgreSQL) wi
 heatmaps and model files as files under the data directory.
 
 - Images are kept once, content-addressed (`images/ab/<sha256>`), as the bytes that were uploaded;
-  heatmaps likewise (`heatmaps/ab/<sha256>.png`). A file is written whole and renamed into place
-  before the row naming it is committed, so a committed row always has its files.
+  heatmaps likewise (`heatmaps/ab/<sha256>.png`), as the heatmap's 8-bit levels in a greyscale PNG
+  (`heatmap_levels_png`; encoding the coloured PNG for every request cost the service ~30% of its
+  throughput, benchmarks/RESULTS.md), coloured when one is looked at (`heatmap_png`). A file is
+  written whole and renamed into place before the row naming it is committed, so a committed row
+  always has its files.
 - An inspection's id is 128 random bits (hex): its image URL cannot be guessed.
 - Model versions (`models/v<N>-<sha12>.safetensors`) are numbered 1, 2, ...; exactly one is
   active. Each knows its parent (the version it was updated from), thresholds and validation
@@ -49,7 +52,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from anomalens.errors import DataError
-from anomalens.evaluation.viz import heatmap_png
+from anomalens.evaluation.viz import heatmap_levels_png, heatmap_png_from_levels
 
 VERDICTS = ("defect", "false_alarm", "normal")
 """A review: "defect" confirms an anomaly; "false_alarm" (an image called anomalous that is
@@ -154,8 +157,15 @@ def now() -> datetime:
 
 
 def database_url(data_dir: Path, url: str | None) -> str:
-    """`url`, or the SQLite file `inspections.db` in `data_dir`."""
-    return url or f"sqlite:///{data_dir / 'inspections.db'}"
+    """`url`, or the SQLite file `inspections.db` in `data_dir`. A PostgreSQL URL that names no
+    driver (`postgresql://...`, `postgres://...`) gets psycopg 3, the one anomalens installs
+    (SQLAlchemy's default for it is psycopg2)."""
+    if not url:
+        return f"sqlite:///{data_dir / 'inspections.db'}"
+    for bare in ("postgresql://", "postgres://"):
+        if url.startswith(bare):
+            return "postgresql+psycopg://" + url[len(bare) :]
+    return url
 
 
 def shown_url(url: str) -> str:
@@ -238,7 +248,7 @@ class InspectionStore:
         threshold = item.pixel_threshold
         if threshold is None:  # no pixel threshold: colour by the map's own range
             threshold = float(item.anomaly_map.max())
-        png = heatmap_png(item.anomaly_map, threshold, STORED_HEATMAP_SIDE)
+        png = heatmap_levels_png(item.anomaly_map, threshold, STORED_HEATMAP_SIDE)
         return self._put("heatmaps", png, ".png")
 
     def image_path(self, inspection: Inspection) -> Path:
@@ -248,6 +258,16 @@ class InspectionStore:
     def heatmap_path(self, inspection: Inspection) -> Path | None:
         digest = inspection.heatmap_sha256
         return None if digest is None else self.data_dir / "heatmaps" / digest[:2] / f"{digest}.png"
+
+    def heatmap_png(self, inspection: Inspection) -> bytes | None:
+        """The inspection's heatmap as an RGBA PNG (as `?heatmap=true` answers it), or None."""
+        path = self.heatmap_path(inspection)
+        if path is None:
+            return None
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            coloured = image.mode == "RGBA"  # a heatmap kept whole
+        return data if coloured else heatmap_png_from_levels(data)
 
     # ---- inspections ----------------------------------------------------------------------
     def add(self, items: Sequence[NewInspection]) -> list[str]:
