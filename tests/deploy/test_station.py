@@ -353,3 +353,8 @@ def test_requests_during_update_and_rollback_are_all_answered(model_file, goods,
     assert answers and set(answers) == {200}
     assert versions == {1, 2}
     assert total == 3 + len(answers)  # every answered request is stored, once
+
+
+def test_serve_checks_the_drift_reference(model_file) -> None:
+    with pytest.raises(ParameterError, match="drift_reference must be one of baseline"):
+        serve(model_file, drift_reference="yesterday")

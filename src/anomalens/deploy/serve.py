@@ -712,9 +712,7 @@ def serve(
         tokens=tuple(tokens),
         drift_window=drift_window,
         drift_alpha=drift_alpha,
-        drift_reference=check_choice(
-            drift_reference, ("baseline", "validation"), "drift_reference"
-        ),
+        drift_reference=drift_reference,
     )
     read_config(settings.model)  # a bad model file fails here, with one line, before uvicorn
     if settings.data_dir is not None:  # migrate and register the model once, before the workers
