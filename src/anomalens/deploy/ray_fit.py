@@ -3,7 +3,7 @@
 The fit is the local one (`Detector.fit`: the held-out split, the leave-out scoring, the
 thresholds, the final greedy pass over the union of the shard coresets); only the shards' work
 moves. `RayShards` is PatchCore's `shard_map`: each shard of `shard_images` images goes to one of
-a pool of `ShardWorker` actors, each of which receives the model (its backbone) once, sets torch's
+a pool of `ShardWorker` actors, each of which fetches the model (its backbone) once, sets torch's
 threads to its CPUs, reads its shard's images, extracts their patch features and returns only the
 shard's greedy coreset and each kept patch's image index. The driver never holds more than the
 shard coresets, so its peak memory depends on the shard size, not on the number of images, and,
@@ -19,6 +19,7 @@ import copy
 import os
 from collections.abc import Iterator, Sequence
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -77,14 +78,16 @@ class RayShards:
         shipped = copy.copy(model)  # the fitted state so far (the backbone), not this map
         shipped.shard_map = None
         shipped.memory_bank_ = None  # an update's bank stays with the driver
-        reference = ray.put(shipped)
+        # in a list, so that Ray hands tasks the reference, not the model: each actor gets it
+        # once, and a restarted actor (no constructor arguments) gets it again
+        model_ref = [ray.put(shipped)]
         worker = ray.remote(ShardWorker).options(
             num_cpus=self.cpus, max_restarts=-1, max_task_retries=-1
         )
-        pool = [worker.remote(reference) for _ in range(min(self.count, len(shards)))]
+        pool = [worker.remote() for _ in range(min(self.count, len(shards)))]
         try:
             yield from ray.util.ActorPool(pool).map(
-                lambda actor, shard: actor.coreset.remote(*shard, reduce), shards
+                lambda actor, shard: actor.coreset.remote(model_ref, *shard, reduce), shards
             )
         finally:
             for actor in pool:
@@ -92,14 +95,18 @@ class RayShards:
 
 
 class ShardWorker:
-    """A Ray actor's work: the model received once, then shard after shard turned into its
-    `ShardCoreset` (`PatchCore.shard_coreset`)."""
+    """A Ray actor's work: the model fetched once (its first shard), then shard after shard
+    turned into its `ShardCoreset` (`PatchCore.shard_coreset`)."""
 
-    def __init__(self, model: PatchCore) -> None:
-        ray = import_ray()
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    def __init__(self) -> None:
+        self.ray = import_ray()
+        cpus = self.ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
         torch.set_num_threads(max(1, int(cpus)))
-        self.model = model
+        self.model: PatchCore | None = None
 
-    def coreset(self, offset: int, images: list[ImageLike], reduce: bool) -> ShardCoreset:
+    def coreset(
+        self, model_ref: list[Any], offset: int, images: list[ImageLike], reduce: bool
+    ) -> ShardCoreset:
+        if self.model is None:
+            self.model = self.ray.get(model_ref[0])
         return self.model.shard_coreset(images, offset, reduce)
