@@ -32,6 +32,7 @@ from anomalens.deploy.batch import FORMATS as BATCH_FORMATS
 from anomalens.deploy.batch import BatchSummary, inspect_images
 from anomalens.deploy.export import FORMATS, export_onnx
 from anomalens.deploy.ray_engine import inspect_images_ray
+from anomalens.deploy.ray_fit import fit_ray
 from anomalens.errors import AnomalensError, DataError, ParameterError, check_choice
 from anomalens.evaluation.benchmark import DEFAULT_MODELS, parse_models, run_benchmark
 from anomalens.evaluation.evaluator import Evaluation
@@ -131,9 +132,35 @@ def fit(
             help="Stop at the first unreadable training image instead of skipping it.",
         ),
     ] = False,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="Where to extract features: local (this process) or ray (PatchCore only: each "
+            "shard of shard_images images on a Ray actor, which returns its shard coreset)."
+        ),
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="With --engine ray: the Ray cluster, auto or HOST:PORT (default: start a local "
+            "Ray instance sized to this machine)."
+        ),
+    ] = None,
+    actors: Annotated[
+        int | None,
+        typer.Option(
+            help="With --engine ray: feature actors, sharing the cluster's CPUs equally "
+            "(default: one per node)."
+        ),
+    ] = None,
 ) -> None:
     """Fit a detector on normal images and save it."""
     check_writable_file(output, "model file")
+    check_choice("--engine", engine, ENGINES)
+    if engine != "ray" and (address is not None or actors is not None):
+        raise AnomalensError("--address and --actors need --engine ray")
+    if engine == "ray" and auto:
+        raise AnomalensError("--auto fits with the local engine; leave out --engine ray")
     if auto:
         given = {
             "--model": model,
@@ -165,9 +192,16 @@ def fit(
         check_tiling(tile, tile_overlap, tile_stitch)
         detector = tiled(model, tile, tile_overlap, tile_stitch, **params)
         model = f"{model} on {tile}-pixel tiles"
+    if engine == "ray" and detector.name != "patchcore":
+        raise AnomalensError(
+            f"--engine ray fits patchcore only, not {model}; fit it with --engine local"
+        )
     images = training_images(data)
     console.print(f"fitting [bold]{model}[/] on {len(images)} normal images from {data}")
-    detector.fit(images, roi=roi, strict=strict)
+    if engine == "ray":
+        fit_ray(detector, images, roi=roi, strict=strict, address=address, actors=actors)
+    else:
+        detector.fit(images, roi=roi, strict=strict)
     detector.save(output)
     skipped = _report_skipped(detector.skipped_images_)
     console.print(

@@ -1,5 +1,7 @@
 """`predict --engine ray`: the local engine's rows and overlays, scored by Ray actors, on a local
-instance and on a three-node cluster on this machine; an actor killed mid-run loses nothing."""
+instance and on a three-node cluster on this machine; an actor killed mid-run loses nothing.
+`fit --engine ray`: PatchCore's shards (features, shard coresets) on Ray actors give the local
+sharded fit's bank and thresholds; other methods are a one-line error."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
+import torch
 from PIL import Image
 from ray.cluster_utils import Cluster
 
@@ -36,6 +39,10 @@ RAY_OPTIONS = {
     # workers are separate processes: they import this checkout's anomalens
     "runtime_env": {"env_vars": {"PYTHONPATH": SOURCE}},
 }
+
+
+FIT_SMALL = ("--image-size", "64", "--param", "coreset_ratio=0.1", "--param", "batch_size=4")
+"""A quick PatchCore fit for `fit --engine ray`."""
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +97,24 @@ def test_bad_options_are_one_line_errors(model, brick, tmp_path, monkeypatch, ca
     code, _, err = _predict(monkeypatch, capsys, model, images, tmp_path / "out", "--engine", "ray")
     assert (code, err.strip()) == (2, f"error: {NEEDS_RAY}")
     assert not ray.is_initialized()
+
+
+def test_bad_fit_options_are_one_line_errors(brick, tmp_path, monkeypatch, capsys) -> None:
+    out = tmp_path / "model.safetensors"
+    for extra, message in [
+        (("--model", "padim", "--engine", "ray"), "--engine ray fits patchcore only, not padim"),
+        (
+            ("--tile", "128", "--engine", "ray"),
+            "--engine ray fits patchcore only, not patchcore on",
+        ),
+        (("--actors", "2"), "--address and --actors need --engine ray"),
+        (("--engine", "spark"), "--engine must be one of local, ray; got 'spark'"),
+        (("--engine", "ray", "--actors", "0"), "--actors must be at least 1, got 0"),
+        (("--auto", "--engine", "ray"), "--auto fits with the local engine"),
+    ]:
+        code, _, err = run(monkeypatch, capsys, "fit", brick, "-o", out, *extra)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and not ray.is_initialized()
 
 
 def test_ray_is_imported_only_by_the_ray_engine() -> None:
@@ -174,6 +199,32 @@ class TestOnALocalInstance:
         code, out, _ = _predict(monkeypatch, capsys, model, inputs, cut, *options)
         assert code == 0 and "0 images scored (14 kept from before)" in out
         _assert_same(whole, cut, exact=True)
+
+    def test_two_actors_give_the_local_sharded_bank(
+        self, brick, tmp_path, monkeypatch, capsys
+    ) -> None:
+        """16 images in shards of 6 (3 shards) on two one-CPU actors, against the local fit with
+        one thread: the same bank, thresholds and scores."""
+        fit = ("fit", brick, *FIT_SMALL, "--param", "shard_images=6", "-o")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            local = run(monkeypatch, capsys, *fit, tmp_path / "local.safetensors")
+        finally:
+            torch.set_num_threads(threads)
+        options = ("--engine", "ray", "--actors", "2")
+        remote = run(monkeypatch, capsys, *fit, tmp_path / "ray.safetensors", *options)
+        assert local[0] == remote[0] == 0, remote
+        assert ray.is_initialized(), "a connection it did not make is left open"
+        expected = anomalens.load(tmp_path / "local.safetensors")
+        got = anomalens.load(tmp_path / "ray.safetensors")
+        assert got.n_patches_ == expected.n_patches_
+        assert len(got.memory_bank_) == len(expected.memory_bank_) == round(got.n_patches_ * 0.1)
+        np.testing.assert_allclose(got.memory_bank_, expected.memory_bank_, rtol=1e-5, atol=1e-6)
+        assert got.image_threshold_ == pytest.approx(expected.image_threshold_, rel=1e-5)
+        images = sorted((brick / "test").rglob("*.png"))[:4]
+        for want, got_one in zip(expected.predict(images), got.predict(images), strict=True):
+            assert got_one.score == pytest.approx(want.score, rel=1e-5)
 
 
 def _descendants(title: str) -> list[int]:

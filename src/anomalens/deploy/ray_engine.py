@@ -82,8 +82,8 @@ def inspect_images_ray(
     batch_size = anomalens.load(model_file).batch_size
     model = os.path.abspath(model_file)
 
-    with _connected(ray, address):
-        count, cpus = _actor_shape(ray, actors)
+    with connected(ray, address):
+        count, cpus = actor_shape(ray, actors)
 
         def engine(plan: Plan, store: ResultsStore, out: Path) -> Iterator[list[dict[str, Any]]]:
             if not plan:  # a resumed run with every row written already
@@ -110,7 +110,7 @@ def inspect_images_ray(
 
 
 @contextmanager
-def _connected(ray: ModuleType, address: str | None) -> Iterator[None]:
+def connected(ray: ModuleType, address: str | None) -> Iterator[None]:
     """Ray connected, quietly: the current connection, or one made (and closed) here."""
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # rows in input order, as the local engine
@@ -131,7 +131,7 @@ def _connected(ray: ModuleType, address: str | None) -> Iterator[None]:
         ray.shutdown()
 
 
-def _actor_shape(ray: ModuleType, actors: int | None) -> tuple[int, int]:
+def actor_shape(ray: ModuleType, actors: int | None) -> tuple[int, int]:
     """How many actors, and the CPUs each reserves: an equal share of the cluster's, no more
     than the smallest node has (so each node can hold one); more actors than CPUs is an error
     (they would wait for CPUs forever)."""

@@ -20,7 +20,9 @@ reduced to a greedy coreset of `SHARD_OVERSAMPLING` x `coreset_ratio` of them, a
 over the union of the shard coresets keeps `coreset_ratio` of all patches seen, so peak memory
 depends on the shard size, not on the number of images. `partial_fit` is the same mechanism: the
 new images' shard coresets join the bank and one greedy pass keeps `coreset_ratio` of all patches
-seen so far (`n_patches_`).
+seen so far (`n_patches_`). The shards' work (features, shard coreset) goes through
+`shard_map`: in this process, one shard after another, unless a distributed engine supplies one
+(`anomalens.deploy.ray_fit` runs the shards on Ray actors); the final pass is the same either way.
 
 Default `coreset_ratio=0.01`: the paper's PatchCore-1% is within 0.1-0.2 points of the 10% bank on
 MVTec AD, while a 10x smaller bank makes the nearest-neighbour search 10x cheaper at predict time
@@ -28,6 +30,9 @@ and the coreset selection ~100x cheaper at fit time; raise it for very varied no
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -46,6 +51,30 @@ SHARD_OVERSAMPLING = 2
 from."""
 
 
+@dataclass
+class ShardCoreset:
+    """One shard's part of the coreset: its coreset patches (all its patches when it is not
+    reduced), each patch's image index, and how many patches the shard had."""
+
+    patches: np.ndarray
+    sources: np.ndarray
+    seen: int
+
+
+Shards = list[tuple[int, list[ImageLike]]]
+"""Shards of images, each with the index of its first image among all the images."""
+
+ShardMap = Callable[["PatchCore", Shards, bool], Iterable[ShardCoreset]]
+"""Runs `PatchCore.shard_coreset` on each shard (the bool: `reduce`) and yields the results in
+shard order."""
+
+
+def local_shards(model: PatchCore, shards: Shards, reduce: bool) -> Iterator[ShardCoreset]:
+    """The shards in this process, one after another: one shard's patches in memory at a time."""
+    for offset, images in shards:
+        yield model.shard_coreset(images, offset, reduce)
+
+
 @register
 class PatchCore(Detector):
     """PatchCore: nearest-neighbour distance of patch features to a coreset memory bank."""
@@ -57,6 +86,9 @@ class PatchCore(Detector):
     `n_patches_`: patches seen by fit and partial_fit, which the bank is `coreset_ratio` of."""
     fitted_tensors = ("backbone_", "memory_bank_")
     refit_on_all = True
+    shard_map: ShardMap | None = None
+    """How the shards are run (`ShardMap`); None: `local_shards`. Not a parameter: a distributed
+    engine sets it on the instance for the length of a fit."""
 
     def __init__(
         self,
@@ -132,24 +164,15 @@ class PatchCore(Detector):
         (`coreset_ratio` of all patches seen) and, per coreset patch, its image's index (-1 for
         the bank's). Each shard of `shard_images` images is reduced to its own coreset first,
         unless the images are one shard and there is no bank: then it is the exact coreset."""
-        shards = range(0, len(images), self.shard_images)
-        reduce = len(shards) > 1 or bank is not None
+        starts = range(0, len(images), self.shard_images)
+        reduce = len(starts) > 1 or bank is not None
         parts = [] if bank is None else [bank]
         sources = [] if bank is None else [np.full(len(bank), -1)]
-        for start in shards:
-            patches, source = self._patches(images[start : start + self.shard_images], start)
-            self.n_patches_ += len(patches)
-            if reduce:
-                keep = greedy_coreset(
-                    patches,
-                    min(1.0, SHARD_OVERSAMPLING * self.coreset_ratio),
-                    self.projection_dim,
-                    self.seed,
-                    "shard coreset",
-                )
-                patches, source = patches[keep], source[keep]
-            parts.append(patches)
-            sources.append(source)
+        shards = [(start, images[start : start + self.shard_images]) for start in starts]
+        for shard in (self.shard_map or local_shards)(self, shards, reduce):
+            self.n_patches_ += shard.seen
+            parts.append(shard.patches)
+            sources.append(shard.sources)
         # One part (the exact coreset) is used as it is: no copy of every patch.
         union = parts[0] if len(parts) == 1 else np.concatenate(parts)
         source = np.concatenate(sources)
@@ -161,6 +184,24 @@ class PatchCore(Detector):
             )
             union, source = union[selected], source[selected]
         return union, source
+
+    def shard_coreset(
+        self, images: list[ImageLike], offset: int, reduce: bool = True
+    ) -> ShardCoreset:
+        """One shard's work: the patch features of `images` (the first is image `offset` of
+        all) and, if `reduce`, their greedy coreset of `SHARD_OVERSAMPLING` x `coreset_ratio`."""
+        patches, source = self._patches(images, offset)
+        seen = len(patches)
+        if reduce:
+            keep = greedy_coreset(
+                patches,
+                min(1.0, SHARD_OVERSAMPLING * self.coreset_ratio),
+                self.projection_dim,
+                self.seed,
+                "shard coreset",
+            )
+            patches, source = patches[keep], source[keep]
+        return ShardCoreset(patches, source, seen)
 
     def _patches(self, images: list[ImageLike], offset: int) -> tuple[np.ndarray, np.ndarray]:
         """All patch features of `images` and, per patch, its image's index (from `offset`)."""
