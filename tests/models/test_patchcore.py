@@ -235,6 +235,10 @@ def test_compressed_bank_round_trips_and_exports_exact(
     monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
     exported, _ = reloaded.export_module()(pixels)
     assert torch.equal(exported, flat)
+    # The export is checked against that exact model, not the compressed one.
+    exact = reloaded.exported_model()
+    assert exact.resolved_bank_index() == "flat" and reloaded.resolved_bank_index() == "pq"
+    assert torch.equal(exact._score_tensors(pixels)[0], flat)
 
 
 @pytest.mark.parametrize(

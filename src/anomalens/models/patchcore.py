@@ -37,6 +37,8 @@ and the coreset selection ~100x cheaper at fit time; raise it for very varied no
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -263,6 +265,13 @@ class PatchCore(Detector):
             scores = scores * reweighting(patches[rows, best], support)
         maps = distances.reshape(count, 1, height, width)
         return scores, anomaly_maps(maps, pixels.shape[-2:], self.smoothing_sigma)
+
+    def exported_model(self) -> PatchCore:
+        """The exact-search model (a shallow copy with `bank_index="flat"`) when the bank is
+        searched through a compressed index: the ONNX graph keeps the exact search."""
+        if self.resolved_bank_index() == "flat":
+            return self
+        return copy.copy(self).set_params(bank_index="flat")
 
     # ---- persistence -------------------------------------------------------------------------
     def _build_state(self) -> None:
