@@ -210,6 +210,9 @@ def test_auto_bank_index_compresses_from_pq_min_bank(fitted_patchcore) -> None:
     assert compressed(fitted_patchcore, pq_min_bank=1024).resolved_bank_index() == "ivfpq"
     assert compressed(fitted_patchcore, pq_min_bank=1025).resolved_bank_index() == "flat"
     assert compressed(fitted_patchcore, bank_index="pq").resolved_bank_index() == "pq"
+    tiny = compressed(fitted_patchcore, bank_index="pq")
+    tiny._set_bank(tiny.memory_bank_[:10].numpy())  # too small to train a quantiser on
+    assert tiny.resolved_bank_index() == "flat"
 
 
 def test_compressed_bank_round_trips_and_exports_exact(

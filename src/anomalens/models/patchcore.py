@@ -61,6 +61,9 @@ from anomalens.features.patches import aggregate_patches, flatten_patches
 BANK_INDEXES = ("auto", "flat", *COMPRESSED_INDEXES)
 """The `bank_index` choices."""
 
+MIN_COMPRESSED_BANK = 64
+"""Smaller banks are searched exactly whatever `bank_index` says."""
+
 SHARD_OVERSAMPLING = 2
 """A shard keeps twice the final ratio of its patches, for the union's greedy pass to choose
 from."""
@@ -216,11 +219,15 @@ class PatchCore(Detector):
 
     def resolved_bank_index(self) -> str:
         """The search `bank_index` means for the current bank: `auto` is `flat` below
-        `pq_min_bank` patches and `ivfpq` from there on."""
+        `pq_min_bank` patches and `ivfpq` from there on; a bank under `MIN_COMPRESSED_BANK`
+        patches, too small to train a quantiser on, is always searched exactly."""
         self._check_bank_index()
+        size = len(self.memory_bank_)
+        if size < MIN_COMPRESSED_BANK or self.bank_index == "flat":
+            return "flat"
         if self.bank_index != "auto":
             return self.bank_index
-        return "flat" if len(self.memory_bank_) < self.pq_min_bank else "ivfpq"
+        return "flat" if size < self.pq_min_bank else "ivfpq"
 
     def _check_bank_index(self) -> None:
         if self.bank_index not in BANK_INDEXES:
