@@ -1,15 +1,19 @@
-"""Greedy k-center coreset and exact nearest-neighbour search."""
+"""Greedy k-center coreset, exact nearest-neighbour search and the compressed search re-ranked
+exactly."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from anomalens.components.neighbors import (
+    CompressedIndex,
     NearestNeighbors,
     argmin_rows,
     greedy_coreset,
     nearest_by_matmul,
+    nearest_by_rerank,
 )
 
 
@@ -63,3 +67,26 @@ def test_argmin_rows_is_torch_argmin_with_the_first_of_ties() -> None:
     values = torch.tensor([[3.0, 1.0, 1.0, 2.0], [0.0, 0.0, 5.0, -1.0]])
     assert argmin_rows(values).tolist() == values.argmin(dim=-1).tolist() == [1, 3]
     assert argmin_rows(values).dtype == torch.int64
+
+
+@pytest.mark.parametrize("kind", ["pq", "ivfpq"])
+def test_compressed_search_reranks_its_candidates_exactly(kind: str) -> None:
+    rng = np.random.default_rng(3)
+    centres = rng.normal(scale=4, size=(40, 32))
+    bank = (centres[rng.integers(0, 40, 2000)] + rng.normal(size=(2000, 32))).astype(np.float32)
+    noise = rng.normal(scale=0.3, size=(200, 32)).astype(np.float32)
+    queries, vectors = torch.from_numpy(bank[:200] + noise), torch.from_numpy(bank)
+    exact, exact_nearest = nearest_by_matmul(queries, vectors, (vectors * vectors).sum(dim=1))
+    index = CompressedIndex(bank, kind, seed=0)
+    distances, nearest = nearest_by_rerank(queries, vectors, index, rerank=32)
+    # Exact distances to the candidate chosen: never below the true nearest, and mostly it.
+    direct = torch.linalg.vector_norm(queries - vectors[nearest], dim=-1)
+    torch.testing.assert_close(distances, direct)
+    assert bool((distances >= exact - 1e-4).all())
+    assert (nearest == exact_nearest).float().mean() > 0.95
+    if kind == "pq":  # candidates covering the whole bank: the exact search
+        _, everything = nearest_by_rerank(queries[:40], vectors, index, rerank=len(bank))
+        assert torch.equal(everything, exact_nearest[:40])
+    # Seeded: the same vectors build the same index.
+    again = CompressedIndex(bank, kind, seed=0)
+    assert np.array_equal(index.candidates(bank[:50], 8), again.candidates(bank[:50], 8))

@@ -169,3 +169,94 @@ def test_held_out_images_are_scored_without_their_own_patches() -> None:
     assert model.image_threshold_ > 0 and model.pixel_threshold_ > 0
     assert len(model.memory_bank_) == 6 * 4 * 4
     assert model.decision_function(images[:2]).max() < 1e-3  # seen images: their own patches
+
+
+@pytest.fixture(scope="module")
+def brick_scores(fitted_patchcore, brick: Path) -> tuple[list[Path], np.ndarray, list[np.ndarray]]:
+    """The test images and the exact (flat) search's scores and maps of them."""
+    images = [s.path for s in test_samples(brick)]
+    predictions = fitted_patchcore.predict(images)
+    return images, np.array([p.score for p in predictions]), [p.anomaly_map for p in predictions]
+
+
+def compressed(model, **params):
+    """A copy of the fitted `model` searching its bank with another `bank_index`."""
+    import copy
+
+    return copy.deepcopy(model).set_params(**params)
+
+
+@pytest.mark.parametrize("kind", ["pq", "ivfpq"])
+def test_compressed_bank_predicts_like_the_exact_one(fitted_patchcore, brick_scores, kind) -> None:
+    images, exact, exact_maps = brick_scores
+    model = compressed(fitted_patchcore, bank_index=kind)
+    assert model.resolved_bank_index() == kind
+    predictions = model.predict(images)
+    scores = np.array([p.score for p in predictions])
+    # Each patch's distance is its exact distance to the nearest candidate: close to the exact one.
+    assert np.abs(scores - exact).max() <= 0.03 * exact.max()
+    assert [p.label for p in predictions] == list(exact > fitted_patchcore.image_threshold_)
+    for prediction, exact_map in zip(predictions, exact_maps, strict=True):
+        assert np.abs(prediction.anomaly_map - exact_map).max() <= 0.05 * exact_map.max()
+    # Seeded: a second copy builds the same index and gives the same scores.
+    again = compressed(fitted_patchcore, bank_index=kind)
+    again._bank_search = None
+    assert np.array_equal(again.decision_function(images), scores)
+
+
+def test_auto_bank_index_compresses_from_pq_min_bank(fitted_patchcore) -> None:
+    assert len(fitted_patchcore.memory_bank_) == 1024
+    assert fitted_patchcore.resolved_bank_index() == "flat"  # default threshold: 50,000
+    assert compressed(fitted_patchcore, pq_min_bank=1024).resolved_bank_index() == "ivfpq"
+    assert compressed(fitted_patchcore, pq_min_bank=1025).resolved_bank_index() == "flat"
+    assert compressed(fitted_patchcore, bank_index="pq").resolved_bank_index() == "pq"
+    tiny = compressed(fitted_patchcore, bank_index="pq")
+    tiny._set_bank(tiny.memory_bank_[:10].numpy())  # too small to train a quantiser on
+    assert tiny.resolved_bank_index() == "flat"
+
+
+def test_compressed_bank_round_trips_and_exports_exact(
+    fitted_patchcore, brick_scores, tmp_path, monkeypatch
+) -> None:
+    from anomalens.core.model_file import read_config
+
+    images = brick_scores[0]
+    model = compressed(fitted_patchcore, bank_index="pq", rerank=16)
+    scores = model.decision_function(images[:2])
+    path = model.save(tmp_path / "pq.safetensors")
+    assert read_config(path)["params"]["bank_index"] == "pq"
+    reloaded = anomalens.load(path)
+    assert reloaded.bank_index == "pq" and reloaded.rerank == 16
+    assert reloaded.resolved_bank_index() == "pq"
+    assert np.array_equal(reloaded.decision_function(images[:2]), scores)
+    # The export keeps the exact search (a real ONNX export of PatchCore: tests/test_contract.py):
+    # traced as under `torch.export`, the graph computes the flat scores.
+    import torch
+
+    pixels = torch.rand(1, 3, 64, 64)
+    flat, _ = compressed(reloaded, bank_index="flat")._score_tensors(pixels)
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    exported, _ = reloaded.export_module()(pixels)
+    assert torch.equal(exported, flat)
+    # The export is checked against that exact model, not the compressed one.
+    exact = reloaded.exported_model()
+    assert exact.resolved_bank_index() == "flat" and reloaded.resolved_bank_index() == "pq"
+    assert torch.equal(exact._score_tensors(pixels)[0], flat)
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"bank_index": "hnsw"}, "bank_index must be one of auto, flat, pq, ivfpq"),
+        ({"rerank": 0}, "rerank must be at least 1"),
+        ({"pq_min_bank": -1}, "pq_min_bank must be at least 0"),
+    ],
+)
+def test_bank_index_parameters_are_checked(fitted_patchcore, params, message) -> None:
+    from anomalens.errors import ParameterError
+
+    images = [np.zeros((32, 32, 3), np.uint8)] * 2
+    with pytest.raises(ParameterError, match=message):
+        anomalens.create("patchcore", **params).fit(images)
+    with pytest.raises(ParameterError, match=message):
+        compressed(fitted_patchcore, **params).predict(images[:1])

@@ -106,3 +106,114 @@ def k_nearest_by_matmul(
     distances recomputed directly, as in `nearest_by_matmul`)."""
     _, nearest = (2.0 * queries @ vectors.T - squared_norms).topk(k, dim=-1)
     return torch.linalg.vector_norm(queries[:, None, :] - vectors[nearest], dim=-1)
+
+
+COMPRESSED_INDEXES = ("pq", "ivfpq")
+"""The compressed searches `CompressedIndex` builds (FAISS product quantisation)."""
+
+
+class CompressedIndex:
+    """Approximate L2 search over a product-quantised copy of `vectors` (Jegou et al., "Product
+    quantization for nearest neighbor search", TPAMI 2011), for candidates that
+    `nearest_by_rerank` then re-ranks exactly.
+
+    `pq`: each vector cut into sub-vectors of about 8 dimensions, each coded by one of up to 256
+    k-means centroids (one byte), searched exhaustively over the codes. `ivfpq`: a coarse k-means
+    into ~4 sqrt(N) cells first, the residuals product-quantised, and only the `nprobe` nearest
+    cells searched. Fewer centroids are trained for small sets (at least 39 training vectors per
+    centroid, as FAISS asks). Training is seeded, so the same vectors give the same index.
+    """
+
+    def __init__(self, vectors: np.ndarray, kind: str, seed: int = 0, nprobe: int = 16) -> None:
+        if kind not in COMPRESSED_INDEXES:
+            raise ValueError(f"unknown compressed index {kind!r}")
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        count, dim = vectors.shape
+        self.kind = kind
+        subquantizers = _subquantizers(dim)
+        if kind == "pq":
+            bits = _code_bits(count)
+            index = faiss.IndexPQ(dim, subquantizers, bits)
+            _seed_clustering(index.pq.cp, seed)
+        else:
+            cells = int(np.clip(round(4 * count**0.5), 1, max(1, count // 39)))
+            bits = _code_bits(count)
+            quantizer = faiss.IndexFlatL2(dim)
+            index = faiss.IndexIVFPQ(quantizer, dim, cells, subquantizers, bits)
+            index.own_fields = True
+            quantizer.this.disown()
+            _seed_clustering(index.cp, seed)
+            _seed_clustering(index.pq.cp, seed)
+            index.nprobe = min(nprobe, cells)
+        index.train(vectors)
+        index.add(vectors)
+        self.index = index
+
+    def __len__(self) -> int:
+        return self.index.ntotal
+
+    def candidates(self, queries: np.ndarray, k: int) -> np.ndarray:
+        """Indices (n, k) of each query's `k` approximately nearest vectors; -1 where the searched
+        cells of an `ivfpq` index hold fewer than `k`."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        return self.index.search(queries, min(k, len(self)))[1]
+
+    def __getstate__(self) -> dict:
+        """Picklable (for copies of a model): the index as FAISS's own serialisation."""
+        return {"kind": self.kind, "index": faiss.serialize_index(self.index)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.kind = state["kind"]
+        self.index = faiss.deserialize_index(state["index"])
+
+
+def _subquantizers(dim: int) -> int:
+    """Sub-vectors of about 8 dimensions (the largest divisor of `dim` no greater than dim/8,
+    at least 1)."""
+    return max(m for m in range(1, max(1, dim // 8) + 1) if dim % m == 0)
+
+
+def _code_bits(count: int) -> int:
+    """Bits per sub-vector code: 8 (256 centroids) given enough vectors to train them."""
+    return int(np.clip(np.floor(np.log2(max(count, 1) / 39)), 1, 8))
+
+
+def _seed_clustering(parameters: faiss.ClusteringParameters, seed: int) -> None:
+    parameters.seed = 1234 + seed
+    parameters.verbose = False
+
+
+def nearest_by_rerank(
+    queries: torch.Tensor,
+    vectors: torch.Tensor,
+    index: CompressedIndex,
+    rerank: int,
+    chunk: int = 2048,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest neighbour of each query (..., D) among `vectors` (N, D), as `nearest_by_matmul`
+    returns it, found by re-ranking `index`'s `rerank` candidates with their exact distances.
+
+    It is exact whenever the true nearest vector is among the candidates; otherwise it returns
+    the nearest candidate, never closer than the true one. A query whose cells hold no candidate
+    at all is searched exhaustively.
+    """
+    flat = queries.reshape(-1, queries.shape[-1])
+    found = torch.from_numpy(index.candidates(flat.numpy(), rerank))
+    distances = torch.empty(len(flat))
+    nearest = torch.empty(len(flat), dtype=torch.int64)
+    for start in range(0, len(flat), chunk):
+        rows = flat[start : start + chunk]
+        candidates = found[start : start + chunk]
+        valid = candidates >= 0
+        exact = torch.linalg.vector_norm(
+            rows[:, None, :] - vectors[candidates.clamp(min=0)], dim=-1
+        )
+        exact = exact.masked_fill(~valid, float("inf"))
+        best, column = exact.min(dim=1)
+        distances[start : start + chunk] = best
+        nearest[start : start + chunk] = candidates.gather(1, column[:, None])[:, 0]
+    missing = torch.isinf(distances).nonzero()[:, 0]
+    if len(missing):
+        norms = (vectors * vectors).sum(dim=1)
+        distances[missing], nearest[missing] = nearest_by_matmul(flat[missing], vectors, norms)
+    return distances.reshape(queries.shape[:-1]), nearest.reshape(queries.shape[:-1])

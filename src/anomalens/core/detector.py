@@ -286,6 +286,12 @@ class Detector(Scorer):
             )
         return ScoreGraph(self)
 
+    def exported_model(self) -> Detector:
+        """The model whose predictions the exported graph reproduces, which the export is checked
+        against: this one, unless a method exports a variant of itself (PatchCore with a
+        compressed `bank_index` exports its exact search)."""
+        return self
+
     # ---- persistence ------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write the fitted model to one `.safetensors` file (tensors + JSON config, no pickle)."""

@@ -145,8 +145,9 @@ def _export_float(detector: Detector, path: Path, opset: int) -> Path:
 
 
 def _check_against_torch(detector: Detector, path: Path, pixels: torch.Tensor) -> None:
-    """Raise `ExportError` unless ONNX Runtime reproduces the torch model on `pixels`."""
-    scores, maps = detector.predict_batch(pixels)
+    """Raise `ExportError` unless ONNX Runtime reproduces the torch model on `pixels` (the model
+    the graph computes: `Detector.exported_model`)."""
+    scores, maps = detector.exported_model().predict_batch(pixels)
     onnx_scores, onnx_maps = OnnxModel(path).predict_batch(pixels)
     score_error = float(np.max(np.abs(onnx_scores - scores) / np.maximum(np.abs(scores), 1e-6)))
     map_error = 0.0 if maps is None else float(np.max(np.abs(onnx_maps - maps)))

@@ -14,6 +14,14 @@ predict time for the default ~2,000-patch bank, 1.4-1.8x for 9,000-20,000 patche
 benchmarks/RESULTS.md), and the reweighting gathers each bank patch's neighbours, found with FAISS
 at fit (or load) time.
 
+Big banks (`bank_index`): above `pq_min_bank` patches (50,000 by default; `auto`), or when asked
+(`pq`, `ivfpq`), predict searches a FAISS product-quantised copy of the bank (an inverted file
+first for `ivfpq`) for each patch's `rerank` candidates, and takes the nearest of them by its exact
+distance to the full-precision bank, which stays the model file's bank; the reweighting is then as
+above. The index is built (seeded) from the bank at fit, partial_fit and load, so the model file
+is the same. The exported ONNX graph keeps the exact search (`flat`): the export is the exact
+model whatever `bank_index` says.
+
 Bounded memory: the images are read in shards of `shard_images`. One shard (the default for up to
 500 images) is the paper's exact coreset of all patches. With more, each shard's patches are
 reduced to a greedy coreset of `SHARD_OVERSAMPLING` x `coreset_ratio` of them, and one greedy pass
@@ -31,6 +39,7 @@ and the coreset selection ~100x cheaper at fit time; raise it for very varied no
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -38,13 +47,26 @@ import numpy as np
 import torch
 
 from anomalens.components.maps import anomaly_maps
-from anomalens.components.neighbors import NearestNeighbors, greedy_coreset, nearest_by_matmul
+from anomalens.components.neighbors import (
+    COMPRESSED_INDEXES,
+    CompressedIndex,
+    NearestNeighbors,
+    greedy_coreset,
+    nearest_by_matmul,
+    nearest_by_rerank,
+)
 from anomalens.core.detector import Detector
 from anomalens.core.registry import register
 from anomalens.data.preprocessing import ImageLike, check_resize
 from anomalens.errors import ParameterError
 from anomalens.features.backbones import DEFAULT_BACKBONE, create_backbone
 from anomalens.features.patches import aggregate_patches, flatten_patches
+
+BANK_INDEXES = ("auto", "flat", *COMPRESSED_INDEXES)
+"""The `bank_index` choices."""
+
+MIN_COMPRESSED_BANK = 64
+"""Smaller banks are searched exactly whatever `bank_index` says."""
 
 SHARD_OVERSAMPLING = 2
 """A shard keeps twice the final ratio of its patches, for the union's greedy pass to choose
@@ -101,6 +123,9 @@ class PatchCore(Detector):
         reweight: bool = True,
         smoothing_sigma: float = 4.0,
         shard_images: int = 500,
+        bank_index: str = "auto",
+        pq_min_bank: int = 50_000,
+        rerank: int = 32,
         *,
         resize: str = "squash",
         image_size: int = 256,
@@ -151,6 +176,7 @@ class PatchCore(Detector):
             raise ParameterError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
         if self.shard_images < 1:
             raise ParameterError(f"shard_images must be at least 1, got {self.shard_images}")
+        self._check_bank_index()
         check_resize(self.resize)
         self.backbone_ = create_backbone(self.backbone, self.layers, self.weights)
         self.layers_ = list(self.backbone_.layers)
@@ -228,14 +254,57 @@ class PatchCore(Detector):
             for start in range(0, len(bank), 16)
         ]
         self.support_ = torch.from_numpy(np.concatenate(support))
+        self._bank_search = None
+        self._compressed_index()
+
+    def resolved_bank_index(self) -> str:
+        """The search `bank_index` means for the current bank: `auto` is `flat` below
+        `pq_min_bank` patches and `ivfpq` from there on; a bank under `MIN_COMPRESSED_BANK`
+        patches, too small to train a quantiser on, is always searched exactly."""
+        self._check_bank_index()
+        size = len(self.memory_bank_)
+        if size < MIN_COMPRESSED_BANK or self.bank_index == "flat":
+            return "flat"
+        if self.bank_index != "auto":
+            return self.bank_index
+        return "flat" if size < self.pq_min_bank else "ivfpq"
+
+    def _check_bank_index(self) -> None:
+        if self.bank_index not in BANK_INDEXES:
+            raise ParameterError(
+                f"bank_index must be one of {', '.join(BANK_INDEXES)}, got {self.bank_index!r}"
+            )
+        if self.pq_min_bank < 0:
+            raise ParameterError(f"pq_min_bank must be at least 0, got {self.pq_min_bank}")
+        if self.rerank < 1:
+            raise ParameterError(f"rerank must be at least 1, got {self.rerank}")
+
+    def _compressed_index(self) -> CompressedIndex | None:
+        """The FAISS index that proposes the `rerank` candidates, None for the exact search.
+        Derived from the bank (like `squared_norms_`, never saved) and seeded; rebuilt only when
+        the parameters that choose it changed since."""
+        kind = self.resolved_bank_index()
+        if kind == "flat":
+            return None
+        cached = getattr(self, "_bank_search", None)
+        if cached is None or cached[0] != (kind, self.seed):
+            index = CompressedIndex(self.memory_bank_.numpy(), kind, self.seed)
+            self._bank_search = cached = ((kind, self.seed), index)
+        return cached[1]
 
     # ---- score -------------------------------------------------------------------------------
     def _score_tensors(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores and maps as one torch function, run by `predict` and exported as the graph."""
+        """Scores and maps as one torch function, run by `predict` and exported as the graph.
+        With a compressed `bank_index`, predict re-ranks its candidates; the export keeps the
+        exact search (ONNX has no FAISS operator), so an exported model is the exact one."""
+        index = None if torch.compiler.is_exporting() else self._compressed_index()
         features = self._patch_features(pixels)
         count, dim, height, width = features.shape
         patches = features.permute(0, 2, 3, 1).reshape(count, height * width, dim)
-        distances, nearest = nearest_by_matmul(patches, self.memory_bank_, self.squared_norms_)
+        if index is None:  # the exact search: always in an exported graph
+            distances, nearest = nearest_by_matmul(patches, self.memory_bank_, self.squared_norms_)
+        else:
+            distances, nearest = nearest_by_rerank(patches, self.memory_bank_, index, self.rerank)
         scores, best = distances.max(dim=1)
         if self.reweight and self.num_neighbors > 1:
             rows = torch.arange(count)
@@ -243,6 +312,13 @@ class PatchCore(Detector):
             scores = scores * reweighting(patches[rows, best], support)
         maps = distances.reshape(count, 1, height, width)
         return scores, anomaly_maps(maps, pixels.shape[-2:], self.smoothing_sigma)
+
+    def exported_model(self) -> PatchCore:
+        """The exact-search model (a shallow copy with `bank_index="flat"`) when the bank is
+        searched through a compressed index: the ONNX graph keeps the exact search."""
+        if self.resolved_bank_index() == "flat":
+            return self
+        return copy.copy(self).set_params(bank_index="flat")
 
     # ---- persistence -------------------------------------------------------------------------
     def _build_state(self) -> None:
