@@ -1,7 +1,7 @@
 """`anomalens predict --engine ray` against the local engine, on one machine.
 
     .venv/bin/python benchmarks/ray_engine.py [--data ../shared/datasets] [--model FILE]
-        [--repeats 3] [--json benchmarks/out/ray_engine.json]
+        [--repeats 3] [--copies 1] [--json benchmarks/out/ray_engine.json]
 
 Fits the default PatchCore on MVTec AD bottle `train/good` (512 px; or takes `--model`), then
 runs batch inspection of the 83 test images (decode, score, overlays, results.csv) with the local
@@ -20,6 +20,7 @@ import argparse
 import csv
 import json
 import logging
+import shutil
 import statistics
 import subprocess
 import sys
@@ -63,11 +64,21 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/datasets"))
     parser.add_argument("--model", type=Path, help="a model file (default: fit PatchCore)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--copies",
+        type=int,
+        default=1,
+        help="inspect this many copies of the test split (distinct files: a larger run)",
+    )
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args()
     root = args.data / "mvtec_bottle_512"
-    inputs = collect_inputs([root / "test"], recursive=True)
     with tempfile.TemporaryDirectory() as folder:
+        tests = [root / "test"]
+        for copy in range(1, args.copies):  # copies, not links: an input is read once by realpath
+            tests.append(Path(folder) / f"copy{copy}")
+            shutil.copytree(root / "test", tests[-1])
+        inputs = collect_inputs(tests, recursive=True)
         model = args.model
         if model is None:
             model = (
