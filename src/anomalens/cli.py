@@ -52,6 +52,13 @@ app = typer.Typer(
 console = Console()
 errors = Console(stderr=True)
 
+RayAddress = Annotated[
+    str | None,
+    typer.Option(
+        help="With --engine ray: the Ray cluster, auto or HOST:PORT (default: start a local "
+        "Ray instance sized to this machine)."
+    ),
+]
 ComputeThreads = Annotated[
     int | None, typer.Option(help="Compute threads (default: torch's choice).")
 ]
@@ -139,13 +146,7 @@ def fit(
             "shard of shard_images images on a Ray actor, which returns its shard coreset)."
         ),
     ] = "local",
-    address: Annotated[
-        str | None,
-        typer.Option(
-            help="With --engine ray: the Ray cluster, auto or HOST:PORT (default: start a local "
-            "Ray instance sized to this machine)."
-        ),
-    ] = None,
+    address: RayAddress = None,
     actors: Annotated[
         int | None,
         typer.Option(
@@ -350,13 +351,7 @@ def predict(
         str,
         typer.Option(help="Where to score: local (this process) or ray (a pool of Ray actors)."),
     ] = "local",
-    address: Annotated[
-        str | None,
-        typer.Option(
-            help="With --engine ray: the Ray cluster, auto or HOST:PORT (default: start a local "
-            "Ray instance sized to this machine)."
-        ),
-    ] = None,
+    address: RayAddress = None,
     actors: Annotated[
         int | None,
         typer.Option(

@@ -31,6 +31,14 @@ from anomalens.data.mvtec import test_samples
 from anomalens.deploy.serve import Settings, create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 MAX_UPLOAD = 2_000_000
 MAX_PIXELS = 1_000_000
 MAX_FILES = 8
@@ -468,14 +476,7 @@ def test_web_page_shows_verdict_and_heatmap(server, ranked, tmp_path) -> None:
         browser = playwright.chromium.launch(
             executable_path=str(CHROMIUM),
             headless=True,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
+            args=CHROMIUM_ARGS,
         )
         try:
             page = browser.new_page()

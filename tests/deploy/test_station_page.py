@@ -14,17 +14,9 @@ import pytest
 from anomalens.data.mvtec import training_images
 from anomalens.deploy.access import digest
 from anomalens.deploy.serve import Settings
-from tests.deploy.test_serve import CHROMIUM, serving
+from tests.deploy.test_serve import CHROMIUM, CHROMIUM_ARGS, serving
 
 TOKEN = "station-page-token-0123456789"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 
 def item(page, name: str, version: int | None = None):

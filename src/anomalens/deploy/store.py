@@ -22,7 +22,7 @@ import io
 import os
 import secrets
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -534,10 +534,6 @@ class InspectionStore:
             shutil.copyfile(self.image_path(inspection), target / name)
             counts[kind] += 1
         return counts
-
-    def iter_images(self, inspections: Iterable[Inspection]) -> Iterator[Path]:
-        for inspection in inspections:
-            yield self.image_path(inspection)
 
 
 def _image_format(data: bytes) -> str:
