@@ -16,9 +16,12 @@ from sklearn.metrics import roc_auc_score
 
 import anomalens
 from anomalens.components.density import Moments, fit_gaussian, ledoit_wolf_precision
+from anomalens.components.neighbors import greedy_coreset
 from anomalens.core.model_file import CONFIG_KEY
 from anomalens.data.mvtec import test_samples, training_images
 from anomalens.errors import ParameterError
+from anomalens.models import patchcore
+from anomalens.models.patchcore import final_groups
 from tests.test_cli import run
 
 
@@ -140,6 +143,33 @@ def test_bounded_coreset_scores_close_to_the_exact_one(split) -> None:
     want, have = exact.decision_function(split[1]), bounded.decision_function(split[1])
     np.testing.assert_allclose(have, want, rtol=0.1)
     assert auroc(bounded, split) >= auroc(exact, split) - 0.05
+
+
+def test_final_groups_are_consecutive_and_bounded() -> None:
+    assert final_groups([10, 10, 10], 25) == [slice(0, 2), slice(2, 3)]
+    assert final_groups([30, 5, 5], 25) == [slice(0, 1), slice(1, 3)]
+    assert final_groups([5, 5], 25) == [slice(0, 2)]
+
+
+def test_grouped_final_pass_keeps_the_ratio_and_the_scores(split, monkeypatch) -> None:
+    params = {"image_size": 64, "coreset_ratio": 0.1}
+    exact = anomalens.create("patchcore", **params).fit(split[0])
+    calls = []
+
+    def counted(features, *args, **kwargs):
+        calls.append(len(features))
+        return greedy_coreset(features, *args, **kwargs)
+
+    monkeypatch.setattr(patchcore, "FINAL_PASS_PATCHES", 120)
+    monkeypatch.setattr(patchcore, "greedy_coreset", counted)
+    grouped = anomalens.create("patchcore", shard_images=4, **params).fit(split[0])
+    shards = -(-len(split[0]) // 4)
+    assert len(calls) > shards + 1 and max(calls[shards:]) <= 120  # groups, each bounded
+    assert abs(len(grouped.memory_bank_) - len(exact.memory_bank_)) <= len(calls) - shards
+    want, have = exact.decision_function(split[1]), grouped.decision_function(split[1])
+    relative = np.abs(have - want) / want  # groups see fewer patches at once than one pass
+    assert relative.max() < 0.15 and np.median(relative) < 0.05
+    assert auroc(grouped, split) >= auroc(exact, split) - 0.05
 
 
 def test_cli_update_round_trip_and_error(

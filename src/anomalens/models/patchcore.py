@@ -26,11 +26,14 @@ Bounded memory: the images are read in shards of `shard_images`. One shard (the 
 500 images) is the paper's exact coreset of all patches. With more, each shard's patches are
 reduced to a greedy coreset of `SHARD_OVERSAMPLING` x `coreset_ratio` of them, and one greedy pass
 over the union of the shard coresets keeps `coreset_ratio` of all patches seen, so peak memory
-depends on the shard size, not on the number of images. `partial_fit` is the same mechanism: the
-new images' shard coresets join the bank and one greedy pass keeps `coreset_ratio` of all patches
-seen so far (`n_patches_`). The shards' work (features, shard coreset) goes through
-`shard_map`: in this process, one shard after another, unless a distributed engine supplies one
-(`anomalens.deploy.ray_fit` runs the shards on Ray actors); the final pass is the same either way.
+depends on the shard size, not on the number of images. A union of more than
+`FINAL_PASS_PATCHES` is reduced in consecutive groups of shards, so that the fit's time grows
+linearly with the number of images (a single pass would grow as its square). `partial_fit` is
+the same mechanism: the new images' shard coresets join the bank and the greedy pass keeps
+`coreset_ratio` of all patches seen so far (`n_patches_`). The shards' work (features, shard
+coreset) goes through `shard_map`: in this process, one shard after another, unless a distributed
+engine supplies one (`anomalens.deploy.ray_fit` runs the shards on Ray actors); the final pass is
+the same either way.
 
 Default `coreset_ratio=0.01`: the paper's PatchCore-1% is within 0.1-0.2 points of the 10% bank on
 MVTec AD, while a 10x smaller bank makes the nearest-neighbour search 10x cheaper at predict time
@@ -72,6 +75,12 @@ SHARD_OVERSAMPLING = 2
 """A shard keeps twice the final ratio of its patches, for the union's greedy pass to choose
 from."""
 
+FINAL_PASS_PATCHES = 32_768
+"""The most shard-coreset patches one greedy pass reduces: its time grows as the square of its
+input, so bigger unions are reduced in consecutive groups of about this size (each to
+`coreset_ratio` of the patches its shards saw), which keeps the fit's time linear in the number
+of images."""
+
 
 @dataclass
 class ShardCoreset:
@@ -89,6 +98,18 @@ Shards = list[tuple[int, list[ImageLike]]]
 ShardMap = Callable[["PatchCore", Shards, bool], Iterable[ShardCoreset]]
 """Runs `PatchCore.shard_coreset` on each shard (the bool: `reduce`) and yields the results in
 shard order."""
+
+
+def final_groups(sizes: list[int], limit: int) -> list[slice]:
+    """Consecutive groups of the parts of `sizes` patches, each at most `limit` patches unless one
+    part alone is larger; one group when they all fit."""
+    groups, start, total = [], 0, 0
+    for index, size in enumerate(sizes):
+        if total and total + size > limit:
+            groups.append(slice(start, index))
+            start, total = index, 0
+        total += size
+    return [*groups, slice(start, len(sizes))]
 
 
 def local_shards(model: PatchCore, shards: Shards, reduce: bool) -> Iterator[ShardCoreset]:
@@ -192,19 +213,27 @@ class PatchCore(Detector):
         unless the images are one shard and there is no bank: then it is the exact coreset."""
         starts = range(0, len(images), self.shard_images)
         reduce = len(starts) > 1 or bank is not None
-        parts = [] if bank is None else [bank]
-        sources = [] if bank is None else [np.full(len(bank), -1)]
+        parts = []
+        if bank is not None:
+            parts.append(ShardCoreset(bank, np.full(len(bank), -1), self.n_patches_))
         shards = [(start, images[start : start + self.shard_images]) for start in starts]
         for shard in (self.shard_map or local_shards)(self, shards, reduce):
             self.n_patches_ += shard.seen
-            parts.append(shard.patches)
-            sources.append(shard.sources)
-        # One part (the exact coreset) is used as it is: no copy of every patch.
-        union = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        source = np.concatenate(sources)
-        del parts
-        if self.coreset_ratio < 1:
-            size = max(1, round(self.n_patches_ * self.coreset_ratio))
+            parts.append(shard)
+        groups = final_groups([len(part.patches) for part in parts], FINAL_PASS_PATCHES)
+        kept = [self._group_coreset(parts[group]) for group in groups]
+        if len(kept) == 1:
+            return kept[0]
+        return np.concatenate([k[0] for k in kept]), np.concatenate([k[1] for k in kept])
+
+    def _group_coreset(self, parts: list[ShardCoreset]) -> tuple[np.ndarray, np.ndarray]:
+        """The greedy coreset of the union of `parts` keeping `coreset_ratio` of the patches they
+        saw (the whole union when that is no fewer). One part (the exact coreset) is used as it
+        is: no copy of every patch."""
+        union = parts[0].patches if len(parts) == 1 else np.concatenate([p.patches for p in parts])
+        source = np.concatenate([p.sources for p in parts])
+        size = max(1, round(sum(p.seen for p in parts) * self.coreset_ratio))
+        if size < len(union):
             selected = greedy_coreset(
                 union, self.coreset_ratio, self.projection_dim, self.seed, size=size
             )
