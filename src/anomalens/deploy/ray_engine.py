@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,11 +44,6 @@ from anomalens.deploy.onnx_model import OnnxModel
 from anomalens.errors import AnomalensError, ParameterError
 
 NEEDS_RAY = "--engine ray needs Ray: pip install 'anomalens[ray]'"
-
-CHUNKS_IN_FLIGHT = 2
-"""Chunks an actor works on at once, on its own threads: one is scored (one at a time, under the
-actor's lock) while the next is decoded and the last one's overlays are encoded, as the local
-engine overlaps them."""
 
 
 def import_ray() -> ModuleType:
@@ -107,11 +101,7 @@ def inspect_images_ray(
                 },
                 batch_size=1,
                 batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(
-                    size=count,
-                    max_concurrent_calls_per_actor=CHUNKS_IN_FLIGHT,
-                    enable_true_multi_threading=True,
-                ),
+                compute=ray.data.ActorPoolStrategy(size=count),
                 num_cpus=cpus,
             )
             return _store_streamed(scored.iter_rows(), plan, store, out)
@@ -187,8 +177,7 @@ def _store_streamed(
 
 class ChunkScorer:
     """A Ray actor's work: the model loaded once, then chunk after chunk scored into rows (JSON)
-    and overlay PNGs, one output row per image that needs one. Up to `CHUNKS_IN_FLIGHT` calls
-    run at once; only the scoring is serialised (`scoring`), so decoding and overlays overlap it."""
+    and overlay PNGs, one output row per image that needs one."""
 
     def __init__(self, model_file: str, overlays: bool, min_region_area: int) -> None:
         ray = import_ray()
@@ -199,7 +188,6 @@ class ChunkScorer:
         self.scorer = OnnxModel(model_file, threads) if onnx else anomalens.load(model_file)
         self.overlays = overlays
         self.min_region_area = min_region_area
-        self.scoring = threading.Lock()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         columns: dict[str, list[Any]] = {"index": [], "position": [], "row": [], "overlay": []}
@@ -208,12 +196,11 @@ class ChunkScorer:
             chunk = [InputImage(Path(path), relative) for path, relative, _ in entries]
             todo = {Path(path) for path, _, wanted in entries if wanted}
             arrays, rows = read_chunk(chunk)
-            predictions = []
-            if arrays:
-                with self.scoring:
-                    predictions = self.scorer.predict(
-                        list(arrays.values()), min_region_area=self.min_region_area
-                    )
+            predictions = (
+                self.scorer.predict(list(arrays.values()), min_region_area=self.min_region_area)
+                if arrays
+                else []
+            )
             threshold = self.scorer.pixel_threshold_
             for position, row, picture in finish_chunk(
                 chunk, todo, arrays, predictions, rows, self.overlays, threshold
