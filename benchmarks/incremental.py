@@ -11,7 +11,8 @@
     `--shard-images`, 50 here so that bottle's 209 images make 5 shards). Bar: within 0.005.
 (c) `memory`: peak RSS (VmHWM) and time of the bounded PatchCore fit on N synthetic 256 px normal
     texture crops (`anomalens.data.synthetic`), written as PNG files first so that the images are
-    never all in memory; each N in its own process. Bar: under 4 GB at 20,000 images.
+    never all in memory; each N in its own process. Bar: under 4 GB at 20,000 images. One run
+    on images written before: `--memory-run N --image-folder DIR [--shard-images 100]`.
 Datasets are read from ../shared/datasets.
 """
 
@@ -76,22 +77,26 @@ def bounded(root: Path, shard_images: int) -> list[dict]:
     return rows
 
 
-def memory_run(count: int, shard_images: int) -> dict:
-    """One bounded fit on `count` synthetic images in this process (run by `memory`)."""
-    rng = np.random.default_rng(0)
-    with tempfile.TemporaryDirectory() as folder:
-        paths = []
-        for i in range(count):
-            path = Path(folder) / f"{i:05d}.png"
-            Image.fromarray(normal_crop(TEXTURES[i % 3], rng, 256)).save(path, compress_level=1)
-            paths.append(path)
+def memory_run(count: int, shard_images: int, folder: Path | None = None) -> dict:
+    """One bounded fit on `count` synthetic images in this process (run by `memory`), written
+    as PNG files to a temporary folder, or the first `count` PNG files of `folder`."""
+    with tempfile.TemporaryDirectory() as temporary:
+        if folder is None:
+            rng = np.random.default_rng(0)
+            paths = []
+            for i in range(count):
+                path = Path(temporary) / f"{i:05d}.png"
+                Image.fromarray(normal_crop(TEXTURES[i % 3], rng, 256)).save(path, compress_level=1)
+                paths.append(path)
+        else:
+            paths = sorted(folder.glob("*.png"))[:count]
         model = anomalens.create("patchcore", shard_images=shard_images)
         with PeakMemory() as memory:
             started = time.perf_counter()
             model.fit(paths)
             fit_s = time.perf_counter() - started
     return {
-        "images": count,
+        "images": len(paths),
         "shard_images": shard_images,
         "fit_s": round(fit_s, 1),
         "peak_rss_mb": round(memory.peak_mb),
@@ -117,10 +122,13 @@ def main() -> None:
     parser.add_argument("--images", nargs="+", type=int, default=[1000, 5000])
     parser.add_argument("--shard-images", type=int, default=None)
     parser.add_argument("--memory-run", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--image-folder", type=Path, default=None, help="with --memory-run: its PNG images"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if args.memory_run is not None:
-        print(json.dumps(memory_run(args.memory_run, args.shard_images or 100)))
+        print(json.dumps(memory_run(args.memory_run, args.shard_images or 100, args.image_folder)))
         return
     results: dict = {}
     for dataset in args.datasets:

@@ -75,6 +75,10 @@ SHARD_OVERSAMPLING = 2
 """A shard keeps twice the final ratio of its patches, for the union's greedy pass to choose
 from."""
 
+SUPPORT_EXACT_TIES = 50_000
+"""Banks up to this size get their reweighting support found a few patches at a time
+(`PatchCore._set_bank`)."""
+
 FINAL_PASS_PATCHES = 32_768
 """The most shard-coreset patches one greedy pass reduces: its time grows as the square of its
 input, so bigger unions are reduced in consecutive groups of about this size (each to
@@ -273,14 +277,18 @@ class PatchCore(Detector):
     def _set_bank(self, bank: np.ndarray) -> None:
         """The bank, its squared norms (for the search) and each bank patch's `num_neighbors`
         nearest bank patches (the reweighting's support), found with FAISS a few at a time so
-        that it breaks ties the same way on every machine."""
+        that it breaks ties the same way on every machine; banks of more than
+        `SUPPORT_EXACT_TIES` patches are searched in large blocks (FAISS's matrix-product path,
+        whose ties may fall differently on another CPU): 16 at a time, the support of a
+        185,000-patch bank had not been found after 10 minutes."""
         bank = np.ascontiguousarray(bank, dtype=np.float32)
         self.memory_bank_ = torch.from_numpy(bank)
         self.squared_norms_ = (self.memory_bank_ * self.memory_bank_).sum(dim=1)
         index = NearestNeighbors(bank)
+        step = 16 if len(bank) <= SUPPORT_EXACT_TIES else 4096
         support = [
-            index.search(bank[start : start + 16], self.num_neighbors)[1]
-            for start in range(0, len(bank), 16)
+            index.search(bank[start : start + step], self.num_neighbors)[1]
+            for start in range(0, len(bank), step)
         ]
         self.support_ = torch.from_numpy(np.concatenate(support))
         self._bank_search = None
