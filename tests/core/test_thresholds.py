@@ -8,6 +8,7 @@ import pytest
 from anomalens.core.thresholds import (
     f1_optimal_threshold,
     pixel_f1_optimal_threshold,
+    tail_threshold_at_fpr,
     threshold_at_fpr,
 )
 from anomalens.errors import DataError
@@ -45,6 +46,39 @@ def test_threshold_at_fpr_rejects_bad_target(target):
 def test_threshold_at_fpr_rejects_bad_scores(scores):
     with pytest.raises(DataError):
         threshold_at_fpr(scores, 0.1)
+
+
+# --- tail_threshold_at_fpr -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", [0.0005, 0.001, 0.01, 0.3, 0.9])
+@pytest.mark.parametrize("spare", [0, 5_000])
+def test_tail_threshold_matches_the_whole_quantile(target, spare):
+    """Parts of uneven sizes, one holding most of the largest values, and a `max_count` equal to
+    or above the true count: the same threshold as on every value at once."""
+    rng = np.random.default_rng(2)
+    parts = [rng.normal(size=size).astype(np.float32) for size in (700, 3, 4096, 1, 2500)]
+    parts[2][:300] += 6.0
+    count = sum(part.size for part in parts)
+    want = threshold_at_fpr(np.concatenate(parts), target)
+    got = tail_threshold_at_fpr(iter(parts), target, count + spare)
+    assert got == pytest.approx(want, rel=1e-12, abs=1e-12)
+
+
+def test_tail_threshold_below_resolution_is_max():
+    parts = [np.random.default_rng(3).random(30), np.array([0.5, 2.0])]
+    assert tail_threshold_at_fpr(parts, 0.01, 100) == 2.0
+
+
+@pytest.mark.parametrize("parts", [[], [np.array([0.1, np.nan])], [np.zeros(0)]])
+def test_tail_threshold_rejects_bad_values(parts):
+    with pytest.raises(DataError):
+        tail_threshold_at_fpr(parts, 0.1, 10)
+
+
+def test_tail_threshold_refuses_more_values_than_its_bound():
+    with pytest.raises(ValueError, match="max_count"):
+        tail_threshold_at_fpr([np.zeros(20)], 0.1, 10)
 
 
 # --- f1_optimal_threshold ------------------------------------------------------------------

@@ -29,7 +29,7 @@ import torch
 from anomalens import progress
 from anomalens.core.model_file import model_config, write_model_file
 from anomalens.core.scorer import Scorer
-from anomalens.core.thresholds import threshold_at_fpr
+from anomalens.core.thresholds import tail_threshold_at_fpr, threshold_at_fpr
 from anomalens.data.io import load_image, region_of_interest, stretch_mask, to_rgb_array
 from anomalens.data.preprocessing import ImageLike
 from anomalens.errors import DataError, ExportError, ImageReadError, ParameterError
@@ -232,9 +232,10 @@ class Detector(Scorer):
         self.image_threshold_ = threshold_at_fpr(scores, self.target_fpr)
         if self.produces_maps:
             # With a region of interest, the pixels inside it only (outside, maps are zero).
-            inside = [m if self.roi_ is None else m[stretch_mask(self.roi_, m.shape)] for m in maps]
-            pixels = np.concatenate([m.ravel() for m in inside])
-            self.pixel_threshold_ = threshold_at_fpr(pixels, self.pixel_target_fpr)
+            inside = (m if self.roi_ is None else m[stretch_mask(self.roi_, m.shape)] for m in maps)
+            self.pixel_threshold_ = tail_threshold_at_fpr(
+                inside, self.pixel_target_fpr, sum(m.size for m in maps)
+            )
         else:
             self.pixel_threshold_ = None
         self.n_validation_images_ = len(scores)
