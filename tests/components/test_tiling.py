@@ -11,9 +11,10 @@ from typer.testing import CliRunner
 
 import anomalens
 from anomalens.components.tiling import Stitcher, TiledImages, check_tiling, tile_grid, tile_starts
+from anomalens.core.thresholds import threshold_at_fpr
 from anomalens.errors import AnomalensError
 from anomalens.evaluation.metrics import image_auroc
-from anomalens.models.tiled import Tiled, tiled
+from anomalens.models.tiled import Tiled, subsampled, tiled
 
 
 def test_tiles_cover_the_image_with_the_requested_overlap() -> None:
@@ -119,6 +120,24 @@ def test_resizing_misses_a_small_defect_that_tiling_finds(stripes, tiled_patchco
             assert auroc == 1.0 and all(peaks), (auroc, peaks)
         else:
             assert auroc <= 0.5 and not any(peaks), (auroc, peaks)
+
+
+def test_tiled_thresholds_from_streamed_maps_equal_those_of_every_pixel(
+    stripes, tiled_patchcore
+) -> None:
+    scores, pixels = tiled_patchcore._score_held_out(stripes[1])
+    want_scores, maps = tiled_patchcore._score_all(stripes[1], "thresholds")
+    np.testing.assert_array_equal(scores, want_scores)
+    everything = np.concatenate([m.ravel() for m in maps])
+    want = threshold_at_fpr(everything, tiled_patchcore.pixel_target_fpr)
+    assert pixels.count == everything.size and pixels.threshold() == pytest.approx(want, rel=1e-12)
+
+
+def test_subsampling_keeps_at_most_the_limit() -> None:
+    for shape in [(1000, 1000), (1001, 999), (3, 5000), (64, 64)]:
+        canvas = np.zeros(shape, dtype=np.float32)
+        assert subsampled(canvas, 4096).size <= 4096
+    assert subsampled(np.zeros((64, 64)), 4096).shape == (64, 64)
 
 
 def test_tiled_model_saves_loads_and_checks_its_detector(

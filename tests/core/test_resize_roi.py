@@ -13,6 +13,7 @@ from PIL import Image
 from scipy import ndimage
 
 import anomalens
+from anomalens.core.thresholds import threshold_at_fpr
 from anomalens.data.io import stretch_mask
 from anomalens.data.preprocessing import (
     KEEP_MULTIPLE,
@@ -143,6 +144,20 @@ def test_maps_at_own_size_and_zero_outside_roi(fitted, mode: str) -> None:
         assert not prediction.mask[outside].any()
         assert prediction.anomaly_map.max() > 0
         assert prediction.score == pytest.approx(score, rel=1e-5)
+
+
+def test_thresholds_from_streamed_maps_equal_those_of_every_pixel(fitted) -> None:
+    """The held-out maps are not kept, only their largest pixels inside the ROI: the thresholds
+    are those of all the maps at once (letterboxed images: maps of different sizes)."""
+    model = fitted["letterbox"]
+    images = [smooth(h, w, 200 + i) for i, (h, w) in enumerate(SHAPES * 3)]
+    scores, pixels = model._score_held_out(images)
+    want_scores, maps = model._score_all(images, "thresholds")
+    assert {m.shape for m in maps} == {(27, 64), (64, 27), (64, 64)}
+    inside = np.concatenate([m[stretch_mask(model.roi_, m.shape)] for m in maps])
+    np.testing.assert_array_equal(scores, want_scores)
+    want = threshold_at_fpr(inside, model.pixel_target_fpr)
+    assert pixels.count == inside.size and pixels.threshold() == pytest.approx(want, rel=1e-12)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from anomalens.core.thresholds import (
+    TailQuantile,
     f1_optimal_threshold,
     pixel_f1_optimal_threshold,
-    tail_threshold_at_fpr,
     threshold_at_fpr,
 )
 from anomalens.errors import DataError
@@ -48,37 +48,50 @@ def test_threshold_at_fpr_rejects_bad_scores(scores):
         threshold_at_fpr(scores, 0.1)
 
 
-# --- tail_threshold_at_fpr -----------------------------------------------------------------
+# --- TailQuantile --------------------------------------------------------------------------
+
+
+def tail_threshold(parts, target, max_count):
+    tail = TailQuantile(target, max_count)
+    for part in parts:
+        tail.add(part)
+    return tail.threshold()
 
 
 @pytest.mark.parametrize("target", [0.0005, 0.001, 0.01, 0.3, 0.9])
-@pytest.mark.parametrize("spare", [0, 5_000])
-def test_tail_threshold_matches_the_whole_quantile(target, spare):
+@pytest.mark.parametrize("spare", [0, 5_000, None])
+def test_tail_quantile_matches_the_whole_quantile(target, spare):
     """Parts of uneven sizes, one holding most of the largest values, and a `max_count` equal to
-    or above the true count: the same threshold as on every value at once."""
+    or above the true count, or none: the same threshold as on every value at once; with a bound
+    only the running top is held, not the parts."""
     rng = np.random.default_rng(2)
     parts = [rng.normal(size=size).astype(np.float32) for size in (700, 3, 4096, 1, 2500)]
     parts[2][:300] += 6.0
     count = sum(part.size for part in parts)
     want = threshold_at_fpr(np.concatenate(parts), target)
-    got = tail_threshold_at_fpr(iter(parts), target, count + spare)
-    assert got == pytest.approx(want, rel=1e-12, abs=1e-12)
+    tail = TailQuantile(target, None if spare is None else count + spare)
+    for part in parts:
+        tail.add(part)
+    if spare is not None and target <= 0.01:
+        held = tail._top.size + sum(part.size for part in tail._pending)
+        assert held < count / 5
+    assert tail.threshold() == pytest.approx(want, rel=1e-12, abs=1e-12)
 
 
-def test_tail_threshold_below_resolution_is_max():
+def test_tail_quantile_below_resolution_is_max():
     parts = [np.random.default_rng(3).random(30), np.array([0.5, 2.0])]
-    assert tail_threshold_at_fpr(parts, 0.01, 100) == 2.0
+    assert tail_threshold(parts, 0.01, 100) == 2.0
 
 
 @pytest.mark.parametrize("parts", [[], [np.array([0.1, np.nan])], [np.zeros(0)]])
-def test_tail_threshold_rejects_bad_values(parts):
+def test_tail_quantile_rejects_bad_values(parts):
     with pytest.raises(DataError):
-        tail_threshold_at_fpr(parts, 0.1, 10)
+        tail_threshold(parts, 0.1, 10)
 
 
-def test_tail_threshold_refuses_more_values_than_its_bound():
+def test_tail_quantile_refuses_more_values_than_its_bound():
     with pytest.raises(ValueError, match="max_count"):
-        tail_threshold_at_fpr([np.zeros(20)], 0.1, 10)
+        tail_threshold([np.zeros(20)], 0.1, 10)
 
 
 # --- f1_optimal_threshold ------------------------------------------------------------------

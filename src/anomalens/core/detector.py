@@ -29,7 +29,7 @@ import torch
 from anomalens import progress
 from anomalens.core.model_file import model_config, write_model_file
 from anomalens.core.scorer import Scorer
-from anomalens.core.thresholds import tail_threshold_at_fpr, threshold_at_fpr
+from anomalens.core.thresholds import TailQuantile, threshold_at_fpr
 from anomalens.data.io import load_image, region_of_interest, stretch_mask, to_rgb_array
 from anomalens.data.preprocessing import ImageLike
 from anomalens.errors import DataError, ExportError, ImageReadError, ParameterError
@@ -143,10 +143,10 @@ class Detector(Scorer):
         self.roi_ = None if roi is None else region_of_interest(roi)
         self._seed_everything()
         held_out = self._held_out(len(images))
-        scores, maps = self._fit_and_score_held_out(images, held_out)
+        scores, pixels = self._fit_and_score_held_out(images, held_out)
         self._make_fitted_tensors_plain()
         self.selection_ = None  # `auto_fit` sets it after this fit
-        self._set_thresholds(scores, maps)
+        self._set_thresholds(scores, pixels)
         self.skipped_images_ = skipped
         self.updates_: list[dict[str, Any]] = []
         return self
@@ -201,13 +201,13 @@ class Detector(Scorer):
         self._update(learn)
         validation = [images[i] for i in held_out]
         old_held_out = [old[i] for i in self._held_out(len(old))] if old else []
-        scores, maps = self._score_all(validation + old_held_out, "thresholds")
+        scores, pixels = self._score_held_out(validation + old_held_out)
         if self.refit_on_all:
             self._seed_everything()
             self._update(validation)
             learn = images
         self._make_fitted_tensors_plain()
-        self._set_thresholds(scores, maps)
+        self._set_thresholds(scores, pixels)
         self.n_train_images_ += len(learn)
         self.skipped_images_ = [*self.skipped_images_, *skipped, *old_skipped]
         self.updates_.append(
@@ -226,18 +226,33 @@ class Detector(Scorer):
         order = np.random.default_rng(self.seed).permutation(count)
         return sorted(order[: max(1, round(count * self.validation_fraction))])
 
-    def _set_thresholds(self, scores: np.ndarray, maps: list[np.ndarray | None]) -> None:
+    def _score_held_out(self, images: list[ImageLike]) -> tuple[np.ndarray, TailQuantile | None]:
+        """The scores of held-out normal images and, for a model with maps, the largest of their
+        pixels (inside the region of interest): what the thresholds are set from. The maps are
+        taken batch by batch and not kept, so memory does not grow with the held-out images."""
+        if not self.produces_maps:
+            return self._score_all(images, "thresholds")[0], None
+        per_map = self._threshold_map_pixels()
+        pixels = TailQuantile(self.pixel_target_fpr, per_map and len(images) * per_map)
+
+        def keep_pixels(maps: list[np.ndarray | None]) -> None:
+            for m in maps:
+                # With a region of interest, the pixels inside it only (outside, maps are zero).
+                pixels.add(m if self.roi_ is None else m[stretch_mask(self.roi_, m.shape)])
+
+        return self._score_all(images, "thresholds", on_maps=keep_pixels)[0], pixels
+
+    def _threshold_map_pixels(self) -> int | None:
+        """The most pixels one held-out map can have: the model's input size; None with `resize`
+        `keep`, whose maps are as large as the images' aspect makes them (the maps are then kept
+        until the thresholds are set)."""
+        return None if self.input_mode == "keep" else self.image_size**2
+
+    def _set_thresholds(self, scores: np.ndarray, pixels: TailQuantile | None) -> None:
         """Image and pixel thresholds at `target_fpr` / `pixel_target_fpr` of held-out normal
-        images' scores and maps."""
+        images' scores and map pixels (`_score_held_out`)."""
         self.image_threshold_ = threshold_at_fpr(scores, self.target_fpr)
-        if self.produces_maps:
-            # With a region of interest, the pixels inside it only (outside, maps are zero).
-            inside = (m if self.roi_ is None else m[stretch_mask(self.roi_, m.shape)] for m in maps)
-            self.pixel_threshold_ = tail_threshold_at_fpr(
-                inside, self.pixel_target_fpr, sum(m.size for m in maps)
-            )
-        else:
-            self.pixel_threshold_ = None
+        self.pixel_threshold_ = None if pixels is None else pixels.threshold()
         self.n_validation_images_ = len(scores)
         self.validation_scores_ = np.asarray(scores, dtype=np.float64)
         self.threshold_source_ = "normal"
@@ -256,14 +271,14 @@ class Detector(Scorer):
 
     def _fit_and_score_held_out(
         self, images: list[ImageLike], held_out: list[int]
-    ) -> tuple[np.ndarray, list[np.ndarray | None]]:
-        """Learn, and return the scores and maps of the `held_out` images (indices into `images`)
+    ) -> tuple[np.ndarray, TailQuantile | None]:
+        """Learn, and return `_score_held_out` of the `held_out` images (indices into `images`)
         from a model that never saw them: learn from the others and score the held-out ones, then,
         with `refit_on_all`, learn again from all images."""
         skip = set(held_out)
         learn = [image for i, image in enumerate(images) if i not in skip]
         self._fit(learn)
-        result = self._score_all([images[i] for i in held_out], "thresholds")
+        result = self._score_held_out([images[i] for i in held_out])
         if self.refit_on_all:
             self._seed_everything()
             self._fit(images)

@@ -9,7 +9,7 @@ and masks come from the same thresholds. A scorer implements `_score_batch` and 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Self
 
 import numpy as np
@@ -22,6 +22,9 @@ from anomalens.core.thresholds import f1_optimal_threshold, pixel_f1_optimal_thr
 from anomalens.data.io import decode_mask, encode_mask, stretch_mask
 from anomalens.data.preprocessing import Batch, ImageLike, iter_batches
 from anomalens.errors import DataError, NotFittedError
+
+MapSink = Callable[[list[np.ndarray | None]], None]
+"""Takes the maps of each batch as they are scored (`Scorer._score_all`)."""
 
 
 class Scorer:
@@ -127,8 +130,14 @@ class Scorer:
         return Prediction(float(score), label, anomaly_map, mask, regions)
 
     def _score_all(
-        self, images: list[ImageLike], description: str, full_size: bool = False
+        self,
+        images: list[ImageLike],
+        description: str,
+        full_size: bool = False,
+        on_maps: MapSink | None = None,
     ) -> tuple[np.ndarray, list[np.ndarray | None]]:
+        """Scores and maps of `images`; with `on_maps` each batch's maps go to it instead and
+        none are kept (the returned list is empty)."""
         scores: list[np.ndarray] = []
         maps: list[np.ndarray | None] = []
         with torch.inference_mode():
@@ -141,7 +150,10 @@ class Scorer:
                     for m in resized:
                         if m is not None:
                             m[~stretch_mask(self.roi_, m.shape)] = 0.0
-                maps.extend(resized)
+                if on_maps is None:
+                    maps.extend(resized)
+                else:
+                    on_maps(resized)
         return np.concatenate(scores).astype(np.float64), maps
 
     def score_prepared(self, batch: Batch) -> tuple[np.ndarray, list[np.ndarray | None]]:

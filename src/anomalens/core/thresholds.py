@@ -11,7 +11,7 @@ This module also holds the input checks and the single precision/recall/F1 sweep
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -41,49 +41,78 @@ def threshold_at_fpr(normal_scores: ArrayLike, target_fpr: float) -> float:
     return float(np.quantile(scores, 1.0 - target_fpr))
 
 
-def tail_threshold_at_fpr(parts: Iterable[ArrayLike], target_fpr: float, max_count: int) -> float:
-    """`threshold_at_fpr` of all the values of `parts` (e.g. every pixel of held-out anomaly maps),
-    at most `max_count` of them, keeping only the largest ones in memory.
+class TailQuantile:
+    """`threshold_at_fpr` of values added part by part (e.g. every pixel of the held-out anomaly
+    maps, batch by batch), from the largest ones only.
 
-    The 1 - `target_fpr` quantile depends only on the largest ~`target_fpr` x n values, so a
-    running top of that many (for n = `max_count`: enough for any n up to it) is merged with the
-    parts as they come; no copy of every value is made. For 2,000 maps of 256x256 pixels at
-    `target_fpr` 0.001 that is 131,000 values instead of 131 million (about 2.5 GB in float64 and
-    the quantile's own copy).
+    The 1 - `target_fpr` quantile of n values depends only on the largest ~`target_fpr` x n, so
+    given `max_count`, a bound on n, a running top of that many (enough for any n up to it) is
+    merged with the parts as they come and the parts are not kept: for 2,000 maps of 256x256
+    pixels at `target_fpr` 0.001, 131,000 values instead of 131 million (0.5 GB of maps, then
+    2.5 GB for a float64 copy and the quantile's own). Without a bound the parts are kept until
+    `threshold`, which then finds the top the same way, without a float64 copy of them all.
     """
-    _check_target_fpr(target_fpr)
-    # Sorted positions `floor((n - 1) * (1 - fpr))` and the one after: n - floor(...) values,
-    # which never decreases with n; two spare for the rounding of numpy's own position.
-    keep = max_count - int(np.floor((max_count - 1) * (1.0 - target_fpr))) + 2
-    top = np.empty(0, dtype=np.float64)
-    pending: list[np.ndarray] = []
-    pending_count = count = 0
-    for part in parts:
-        values = np.asarray(part, dtype=np.float64).ravel()
+
+    def __init__(self, target_fpr: float, max_count: int | None = None) -> None:
+        _check_target_fpr(target_fpr)
+        self.target_fpr = target_fpr
+        self.max_count = max_count
+        self.count = 0
+        self._top = np.empty(0, dtype=np.float64)
+        self._pending: list[np.ndarray] = []
+        self._pending_count = 0
+
+    def add(self, values: ArrayLike) -> None:
+        """Count `values` in (any shape); DataError if any is NaN or infinite."""
+        values = np.asarray(values).ravel()
         _check_finite(values)
-        count += values.size
-        pending.append(values)
-        pending_count += values.size
-        if pending_count >= keep:  # merge once as many as kept arrived: linear time overall
-            top, pending, pending_count = _largest(np.concatenate([top, *pending]), keep), [], 0
-    if count > max_count:
-        raise ValueError(f"tail_threshold_at_fpr got {count} values, more than max_count")
-    if count == 0:
-        raise DataError("threshold_at_fpr needs at least one normal score, got none")
-    top = np.sort(_largest(np.concatenate([top, *pending]), keep))
-    if target_fpr < 1.0 / count:
-        return float(top[-1])
-    position = (count - 1) * (1.0 - target_fpr)
-    lower = int(np.floor(position))
-    offset = count - top.size  # the values below the top, never kept
-    below, above = top[lower - offset], top[min(lower + 1, count - 1) - offset]
-    return float(below + (above - below) * (position - lower))
+        self.count += values.size
+        if self.max_count is not None and self.count > self.max_count:
+            raise ValueError(f"TailQuantile got {self.count} values, more than its max_count")
+        self._pending.append(values)
+        self._pending_count += values.size
+        if self.max_count is not None and self._pending_count >= self._kept(self.max_count):
+            self._merge(self._kept(self.max_count))
+
+    def threshold(self) -> float:
+        """The threshold `threshold_at_fpr` gives on all the values added."""
+        if self.count == 0:
+            raise DataError("threshold_at_fpr needs at least one normal score, got none")
+        self._merge(self._kept(self.count if self.max_count is None else self.max_count))
+        top = np.sort(self._top)
+        if self.target_fpr < 1.0 / self.count:
+            return float(top[-1])
+        position = (self.count - 1) * (1.0 - self.target_fpr)
+        lower = int(np.floor(position))
+        offset = self.count - top.size  # the values below the top, never kept
+        below = top[lower - offset]
+        above = top[min(lower + 1, self.count - 1) - offset]
+        return float(below + (above - below) * (position - lower))
+
+    def _kept(self, count: int) -> int:
+        """Values from sorted position `floor((count - 1) * (1 - fpr))` on: a number that never
+        decreases with `count`; two spare for the rounding of numpy's own position."""
+        return count - int(np.floor((count - 1) * (1.0 - self.target_fpr))) + 2
+
+    def _merge(self, keep: int) -> None:
+        """The `keep` largest of the running top and the pending parts become the running top,
+        merged a few parts at a time (linear time, memory for about twice `keep` values)."""
+        group: list[np.ndarray] = []
+        size = 0
+        for part in self._pending:
+            group.append(part)
+            size += part.size
+            if size >= keep:
+                self._top = _largest(np.concatenate([self._top, *group]), keep)
+                group, size = [], 0
+        self._top = _largest(np.concatenate([self._top, *group]), keep)
+        self._pending, self._pending_count = [], 0
 
 
 def _largest(values: np.ndarray, count: int) -> np.ndarray:
     """The `count` largest of `values` (all of them when there are no more), in no order."""
     if values.size <= count:
-        return values
+        return values.astype(np.float64, copy=False)
     return np.partition(values, values.size - count)[values.size - count :]
 
 

@@ -60,6 +60,7 @@ from anomalens.components.neighbors import (
 )
 from anomalens.core.detector import Detector
 from anomalens.core.registry import register
+from anomalens.core.thresholds import TailQuantile
 from anomalens.data.preprocessing import ImageLike, check_resize
 from anomalens.errors import ParameterError
 from anomalens.features.backbones import DEFAULT_BACKBONE, create_backbone
@@ -175,14 +176,14 @@ class PatchCore(Detector):
 
     def _fit_and_score_held_out(
         self, images: list[ImageLike], held_out: list[int]
-    ) -> tuple[np.ndarray, list[np.ndarray | None]]:
+    ) -> tuple[np.ndarray, TailQuantile | None]:
         """One feature pass and one coreset over all images; the held-out images are scored
         against the bank without their own patches, as if never seen (leave-out), and the whole
         bank is kept. Cheaper than learning twice, and nothing is held back from the model."""
         self._start()
         bank, sources = self._coreset(images)
         self._set_bank(bank[~np.isin(sources, held_out)])
-        result = self._score_all([images[i] for i in held_out], "thresholds")
+        result = self._score_held_out([images[i] for i in held_out])
         self._set_bank(bank)
         self.n_train_images_ = len(images)
         return result

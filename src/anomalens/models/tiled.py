@@ -21,6 +21,7 @@ import torch
 from anomalens.components.tiling import Stitcher, TiledImages, check_tiling, tile_grid
 from anomalens.core.detector import Detector
 from anomalens.core.registry import create, register
+from anomalens.core.scorer import MapSink
 from anomalens.data.io import to_rgb_array
 from anomalens.data.preprocessing import ImageLike, resize_to_tensor
 from anomalens.errors import AnomalensError
@@ -99,11 +100,16 @@ class Tiled(Detector):
         return best, stitcher
 
     def _score_all(
-        self, images: list[ImageLike], description: str, full_size: bool = False
+        self,
+        images: list[ImageLike],
+        description: str,
+        full_size: bool = False,
+        on_maps: MapSink | None = None,
     ) -> tuple[np.ndarray, list[np.ndarray | None]]:
         """Per image, its best tile score and the stitched map: at the image's size when
         `full_size`, else on the tiles' model-resolution canvas, regularly subsampled to at most
-        `THRESHOLD_PIXELS` pixels (enough for a pixel threshold, without gigabytes of maps)."""
+        `THRESHOLD_PIXELS` pixels (enough for a pixel threshold, without gigabytes of maps).
+        With `on_maps` each map goes to it instead and none are kept."""
         scores: list[float] = []
         maps: list[np.ndarray | None] = []
         with make_progress() as progress, torch.inference_mode():
@@ -111,17 +117,22 @@ class Tiled(Detector):
             for image in images:
                 array = to_rgb_array(image)
                 score, stitcher = self._score_image(array)
-                scores.append(score)
                 if full_size:
-                    maps.append(stitcher.result(array.shape[:2]))
+                    stitched = stitcher.result(array.shape[:2])
                 else:
-                    canvas = stitcher.result()
-                    step = max(1, math.ceil(math.sqrt(canvas.size / THRESHOLD_PIXELS)))
-                    maps.append(np.ascontiguousarray(canvas[::step, ::step]))
+                    stitched = subsampled(stitcher.result(), THRESHOLD_PIXELS)
+                best = np.array([score], dtype=np.float64)
+                self._apply_roi(best, [stitched], [(0, 0, *stitched.shape)])
+                scores.append(float(best[0]))
+                if on_maps is None:
+                    maps.append(stitched)
+                else:
+                    on_maps([stitched])
                 progress.advance(task)
-        result = np.asarray(scores, dtype=np.float64)
-        self._apply_roi(result, maps, [(0, 0, *m.shape) for m in maps])
-        return result, maps
+        return np.asarray(scores, dtype=np.float64), maps
+
+    def _threshold_map_pixels(self) -> int:
+        return THRESHOLD_PIXELS
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         return with_prefix("detector", self.detector_._tensors())
@@ -156,3 +167,12 @@ def tiled(
         stitch,
         **{k: v for k, v in params.items() if k in shared},
     )
+
+
+def subsampled(canvas: np.ndarray, limit: int) -> np.ndarray:
+    """Every `step`-th row and column of `canvas`, the smallest step that leaves at most `limit`
+    pixels."""
+    step = max(1, math.ceil(math.sqrt(canvas.size / limit)))
+    while math.ceil(canvas.shape[0] / step) * math.ceil(canvas.shape[1] / step) > limit:
+        step += 1
+    return np.ascontiguousarray(canvas[::step, ::step])
