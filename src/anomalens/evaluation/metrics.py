@@ -12,7 +12,6 @@ from collections.abc import Sequence
 import numpy as np
 from numpy.typing import ArrayLike
 from scipy import ndimage
-from sklearn.metrics import average_precision_score, roc_auc_score
 
 from anomalens.core.thresholds import _binary_problem, _pixels, f1_optimal_threshold
 from anomalens.errors import DataError
@@ -22,6 +21,10 @@ _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 def image_auroc(labels: ArrayLike, scores: ArrayLike) -> float:
     """Area under the ROC curve of per-image scores (Hanley & McNeil 1982; ties count 1/2)."""
+    # scikit-learn imported where used: `predict` imports this package for its overlays, and
+    # scikit-learn adds 1.8 s to its start-up.
+    from sklearn.metrics import roc_auc_score
+
     y, s = _binary_problem(labels, scores, "image_auroc")
     return float(roc_auc_score(y, s))
 
@@ -32,6 +35,8 @@ def image_aupr(labels: ArrayLike, scores: ArrayLike) -> float:
     Step-wise area under the precision/recall curve, as scikit-learn's
     `average_precision_score` (no interpolation; Manning et al. 2008, ch. 8.4).
     """
+    from sklearn.metrics import average_precision_score  # imported here: see `image_auroc`
+
     y, s = _binary_problem(labels, scores, "image_aupr")
     return float(average_precision_score(y, s))
 
