@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from anomalens.components import neighbors
 from anomalens.components.neighbors import (
     CompressedIndex,
     NearestNeighbors,
@@ -53,7 +54,11 @@ def test_coreset_is_seeded() -> None:
     assert not np.array_equal(a, greedy_coreset(points, 0.1, seed=6))
 
 
-def test_matrix_product_search_matches_brute_force() -> None:
+@pytest.mark.parametrize("block", [None, 300 * 7])
+def test_matrix_product_search_matches_brute_force(block, monkeypatch) -> None:
+    """Also with the queries in blocks of 7 (15 blocks: the last one short)."""
+    if block is not None:
+        monkeypatch.setattr(neighbors, "SEARCH_BLOCK", block)
     rng = np.random.default_rng(3)
     bank = torch.from_numpy(rng.normal(size=(300, 16)).astype(np.float32))
     queries = torch.from_numpy(rng.normal(size=(2, 50, 16)).astype(np.float32))

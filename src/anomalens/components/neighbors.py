@@ -70,6 +70,11 @@ def greedy_coreset(
     return selected
 
 
+SEARCH_BLOCK = 1 << 25
+"""Most entries (128 MB of floats) of one block of `nearest_by_matmul`'s distance matrix outside an
+export: bigger products are computed a block of queries at a time."""
+
+
 def nearest_by_matmul(
     queries: torch.Tensor, vectors: torch.Tensor, squared_norms: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +86,17 @@ def nearest_by_matmul(
     computed directly, free of the cancellation error of the expanded form.
     """
     flat = queries.reshape(-1, queries.shape[-1])
-    nearest = argmin_rows(torch.addmm(squared_norms, flat, vectors.T, alpha=-2.0))
+    rows = max(1, SEARCH_BLOCK // max(1, len(vectors)))
+    if torch.compiler.is_exporting() or len(flat) <= rows:
+        nearest = argmin_rows(torch.addmm(squared_norms, flat, vectors.T, alpha=-2.0))
+    else:  # queries in blocks: the product of 8 images' 8,192 patches and a 46,000-patch bank
+        # would be 1.5 GB at once
+        nearest = torch.cat(
+            [
+                argmin_rows(torch.addmm(squared_norms, block, vectors.T, alpha=-2.0))
+                for block in flat.split(rows)
+            ]
+        )
     nearest = nearest.reshape(queries.shape[:-1])
     distances = torch.linalg.vector_norm(queries - vectors[nearest], dim=-1)
     return distances, nearest
