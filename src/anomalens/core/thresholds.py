@@ -57,6 +57,7 @@ class TailQuantile:
         _check_target_fpr(target_fpr)
         self.target_fpr = target_fpr
         self.max_count = max_count
+        self._keep = None if max_count is None else self._kept(max_count)
         self.count = 0
         self._top = np.empty(0, dtype=np.float64)
         self._pending: list[np.ndarray] = []
@@ -71,14 +72,14 @@ class TailQuantile:
             raise ValueError(f"TailQuantile got {self.count} values, more than its max_count")
         self._pending.append(values)
         self._pending_count += values.size
-        if self.max_count is not None and self._pending_count >= self._kept(self.max_count):
-            self._merge(self._kept(self.max_count))
+        if self._keep is not None and self._pending_count >= self._keep:
+            self._merge(self._keep)
 
     def threshold(self) -> float:
         """The threshold `threshold_at_fpr` gives on all the values added."""
         if self.count == 0:
             raise DataError("threshold_at_fpr needs at least one normal score, got none")
-        self._merge(self._kept(self.count if self.max_count is None else self.max_count))
+        self._merge(self._kept(self.count) if self._keep is None else self._keep)
         top = np.sort(self._top)
         if self.target_fpr < 1.0 / self.count:
             return float(top[-1])
