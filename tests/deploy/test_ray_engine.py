@@ -26,7 +26,7 @@ from ray.cluster_utils import Cluster
 
 import anomalens
 from anomalens.data.synthetic import normal_crop
-from anomalens.deploy.ray_engine import NEEDS_RAY
+from anomalens.deploy.ray_engine import CALL_CHUNKS, NEEDS_RAY, chunks_per_call
 from tests.test_cli import run
 
 ACTOR = "ray::MapWorker(MapBatches(ChunkScorer))"
@@ -301,3 +301,10 @@ def test_an_actor_killed_mid_run_on_a_cluster_loses_nothing(
     assert sorted(row["path"] for row in rows) == sorted(str(p) for p in images.glob("*.png"))
     assert len({row["path"] for row in rows}) == len(rows) == 96, "each image exactly once"
     _assert_same(local, out, exact=True)
+
+
+def test_chunks_per_call_fill_the_pipeline_and_spread_the_work() -> None:
+    assert chunks_per_call(1000, 1) == CALL_CHUNKS, "long runs: the most per call"
+    assert chunks_per_call(24, 3) == 2, "each of 3 actors gets 4 calls of 2 chunks"
+    assert chunks_per_call(5, 2) == 1, "few chunks: one per call, spread over the actors"
+    assert chunks_per_call(0, 1) == 1

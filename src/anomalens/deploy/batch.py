@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -51,6 +51,8 @@ AHEAD = 2
 """Chunks decoded ahead of the one being scored, and scored chunks waiting to be written."""
 OVERLAYS = "overlays"
 """The folder, under the output folder, holding one overlay per image at its relative path."""
+
+T = TypeVar("T")
 
 SCHEMA = pa.schema(
     [
@@ -155,23 +157,45 @@ def _chunks(images: list[InputImage], size: int) -> list[list[InputImage]]:
 
 def _pipeline(
     scorer: Scorer,
-    plan: list[tuple[list[InputImage], set[Path]]],
+    plan: Plan,
     out: Path,
     store: ResultsStore,
     overlays: bool,
     min_region_area: int,
 ) -> Iterator[list[dict[str, Any]]]:
-    """Each planned chunk's new rows, in order, once they are on disk. Three stages overlap: a
-    reader thread decodes the next chunks, the caller's thread scores, a writer thread writes
-    overlays and then the rows (so a row on disk always has its overlay). At most `AHEAD` chunks
-    wait in each queue, so memory stays bounded; on an interrupt, the chunks already scored are
-    still written."""
+    """Each planned chunk's new rows, in order, once they and their overlays are on disk (the
+    overlays first, so a row on disk always has its overlay)."""
+
+    def write(chunk: ScoredChunk) -> list[dict[str, Any]]:
+        finished = finish_chunk(*chunk, overlays, scorer.pixel_threshold_)
+        return store_rows(out, store, [(row, picture) for _, row, picture in finished])
+
+    return score_pipelined(scorer, plan, write, min_region_area)
+
+
+ScoredChunk = tuple[
+    list[InputImage], set[Path], dict[int, np.ndarray], list[Prediction], list[dict[str, Any]]
+]
+"""A chunk, its images to do, its decoded images by position, their predictions, and its rows
+(the error rows of the images that could not be read), as `finish_chunk` takes them."""
+
+
+def score_pipelined(
+    scorer: Scorer,
+    plan: Plan,
+    finish: Callable[[ScoredChunk], T],
+    min_region_area: int,
+) -> Iterator[T]:
+    """`finish` of each planned chunk once scored, in order. Three stages overlap: a reader thread
+    decodes the next chunks, the caller's thread scores, a writer thread runs `finish` (overlays,
+    rows). At most `AHEAD` chunks wait in each queue, so memory stays bounded; on an interrupt,
+    the chunks already scored are still finished."""
     with (
         ThreadPoolExecutor(1, "anomalens-read") as reader,
         ThreadPoolExecutor(1, "anomalens-write") as writer,
     ):
         reads = deque(reader.submit(read_chunk, chunk) for chunk, _ in plan[:AHEAD])
-        writes: deque[Future[list[dict[str, Any]]]] = deque()
+        writes: deque[Future[T]] = deque()
         for index, (chunk, todo) in enumerate(plan):
             if index + AHEAD < len(plan):
                 reads.append(reader.submit(read_chunk, plan[index + AHEAD][0]))
@@ -182,8 +206,7 @@ def _pipeline(
                 if arrays
                 else []
             )
-            args = (chunk, todo, arrays, predictions, rows, out, store, overlays)
-            writes.append(writer.submit(_write_chunk, *args, scorer.pixel_threshold_))
+            writes.append(writer.submit(finish, (chunk, todo, arrays, predictions, rows)))
             while len(writes) > AHEAD or (writes and writes[0].done()):
                 yield writes.popleft().result()
         while writes:
@@ -200,22 +223,6 @@ def read_chunk(chunk: list[InputImage]) -> tuple[dict[int, np.ndarray], list[dic
         except ImageReadError as error:
             rows[i] = _error_row(image.path, image.relative, str(error))
     return arrays, rows
-
-
-def _write_chunk(
-    chunk: list[InputImage],
-    todo: set[Path],
-    arrays: dict[int, np.ndarray],
-    predictions: list[Prediction],
-    rows: list[dict[str, Any]],
-    out: Path,
-    store: ResultsStore,
-    overlays: bool,
-    threshold: float | None,
-) -> list[dict[str, Any]]:
-    """Write the overlays of `chunk`, then append the rows of its `todo` images; return them."""
-    finished = finish_chunk(chunk, todo, arrays, predictions, rows, overlays, threshold)
-    return store_rows(out, store, [(row, picture) for _, row, picture in finished])
 
 
 def finish_chunk(

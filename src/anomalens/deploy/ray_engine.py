@@ -1,11 +1,12 @@
 """`anomalens predict --engine ray`: batch inspection scored by a pool of Ray actors.
 
 The run is the local engine's (`anomalens.deploy.batch.run_inspection`): the same chunks, rows,
-overlays, results file and `--resume`; only the scoring moves. A Ray Data pipeline maps each chunk
-(the paths of one local batch, so every score is the same) through `ChunkScorer` actors, each of
-which loads the model once, sets its threads (torch's, ONNX Runtime's) to its CPUs, decodes its
-images itself (an unreadable one becomes an error row) and returns the rows and overlay PNGs. The
-driver streams them, in input order, into the results store, chunk by chunk, as they arrive.
+overlays, results file and `--resume`; only the scoring moves. A Ray Data pipeline maps the chunks
+(the paths of one local batch each, so every score is the same), a few per call, through
+`ChunkScorer` actors. Each actor loads the model once, sets its threads (torch's, ONNX Runtime's)
+to its CPUs, and runs the local engine's pipeline over its chunks: it decodes the images itself (an
+unreadable one becomes an error row) while scoring the chunk before, and returns the rows and
+overlay PNGs. The driver streams them, in input order, into the results store as they arrive.
 
 An actor that dies (its process killed, its node lost) is restarted and its unfinished chunks run
 again (Ray Data gives its actor pools `max_restarts=-1`, `max_task_retries=-1`); a chunk's rows
@@ -35,15 +36,20 @@ from anomalens.deploy.batch import (
     BatchSummary,
     Plan,
     ResultsStore,
+    ScoredChunk,
     finish_chunk,
-    read_chunk,
     run_inspection,
+    score_pipelined,
     store_rows,
 )
 from anomalens.deploy.onnx_model import OnnxModel
 from anomalens.errors import AnomalensError, ParameterError
 
 NEEDS_RAY = "--engine ray needs Ray: pip install 'anomalens[ray]'"
+CALL_CHUNKS = 8
+"""The most chunks in one actor call."""
+CALLS_PER_ACTOR = 4
+"""The fewest calls each actor gets, where there are enough chunks."""
 
 
 def import_ray() -> ModuleType:
@@ -99,7 +105,7 @@ def inspect_images_ray(
                     "overlays": overlays,
                     "min_region_area": min_region_area,
                 },
-                batch_size=1,
+                batch_size=chunks_per_call(len(plan), count),
                 batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=count),
                 num_cpus=cpus,
@@ -151,6 +157,14 @@ def actor_shape(ray: ModuleType, actors: int | None) -> tuple[int, int]:
     return count, cpus
 
 
+def chunks_per_call(chunks: int, actors: int) -> int:
+    """How many chunks an actor scores per call: enough that its pipeline (decoding the next
+    chunk, drawing the last one's overlays) is full most of the time, at most `CALL_CHUNKS`, and
+    few enough that every actor gets `CALLS_PER_ACTOR` calls (so work spreads evenly, and a lost
+    actor costs little to re-run)."""
+    return max(1, min(CALL_CHUNKS, chunks // (actors * CALLS_PER_ACTOR)))
+
+
 def _describe(chunk: list[InputImage], todo: set[Path]) -> str:
     """A chunk as an actor reads it: each image's absolute path (actors have their own working
     folder), relative path and whether it needs a row."""
@@ -190,21 +204,21 @@ class ChunkScorer:
         self.min_region_area = min_region_area
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        columns: dict[str, list[Any]] = {"index": [], "position": [], "row": [], "overlay": []}
-        for index, described in zip(batch["index"], batch["images"], strict=True):
+        plan: Plan = []
+        for described in batch["images"]:
             entries = json.loads(described)
             chunk = [InputImage(Path(path), relative) for path, relative, _ in entries]
-            todo = {Path(path) for path, _, wanted in entries if wanted}
-            arrays, rows = read_chunk(chunk)
-            predictions = (
-                self.scorer.predict(list(arrays.values()), min_region_area=self.min_region_area)
-                if arrays
-                else []
-            )
-            threshold = self.scorer.pixel_threshold_
-            for position, row, picture in finish_chunk(
-                chunk, todo, arrays, predictions, rows, self.overlays, threshold
-            ):
+            plan.append((chunk, {Path(path) for path, _, wanted in entries if wanted}))
+
+        def finish(chunk: ScoredChunk) -> list[tuple[int, dict[str, Any], bytes]]:
+            return finish_chunk(*chunk, self.overlays, self.scorer.pixel_threshold_)
+
+        columns: dict[str, list[Any]] = {"index": [], "position": [], "row": [], "overlay": []}
+        # the local engine's pipeline: the next chunk decoded and the last one's overlays drawn
+        # while this one is scored
+        finished = score_pipelined(self.scorer, plan, finish, self.min_region_area)
+        for index, rows in zip(batch["index"], finished, strict=True):
+            for position, row, picture in rows:
                 for name, value in zip(
                     columns, (int(index), position, json.dumps(row), picture), strict=True
                 ):
