@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(VENV)/bin/anomalens demo --out demo-output
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadscope
+	$(PY) -m pytest -q -n 4 --dist loadscope
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

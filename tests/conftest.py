@@ -19,7 +19,10 @@ from tests.pg_server import PostgresServer, PostgresUnavailable
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 
-torch.set_num_threads(2)
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+# the CPUs shared among the test workers (`make test` runs more workers than this machine's two
+# cores: much of the suite waits on processes it starts, Ray's, servers', the CLI's)
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
 
 
 def shared_dataset(name: str) -> Path:
