@@ -18,6 +18,8 @@ from anomalens.data.mvtec import test_samples, training_images
 from anomalens.deploy.export import export_onnx
 from anomalens.errors import ExportError, ParameterError
 
+pytestmark = pytest.mark.slow  # started first by `make test` (tests/conftest.py)
+
 # The smallest settings that still exercise each method (input 64 px unless given).
 CASES = {
     "patchcore": {"coreset_ratio": 0.1},

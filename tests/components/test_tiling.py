@@ -16,6 +16,8 @@ from anomalens.errors import AnomalensError
 from anomalens.evaluation.metrics import image_auroc
 from anomalens.models.tiled import Tiled, subsampled, tiled
 
+pytestmark = pytest.mark.slow  # started first by `make test` (tests/conftest.py)
+
 
 def test_tiles_cover_the_image_with_the_requested_overlap() -> None:
     assert tile_starts(256, 64, 16) == [0, 48, 96, 144, 192]

@@ -48,6 +48,16 @@ def _arguments(model: Path, images: Path, out: Path, *extra: str) -> list[str]:
     return ["predict", str(model), *folders, "--out", str(out), "--threads", "1", *extra]
 
 
+DEFAULT_SIGINT = (
+    "import os, signal, sys; "
+    "signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+)
+"""Run as `python -c DEFAULT_SIGINT ARGS...`: `python ARGS...` with Ctrl-C neither ignored nor
+blocked, whatever the test worker's own signal state (a child inherits both)."""
+
+
 def _command(model: Path, images: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "anomalens", *_arguments(model, images, out, *extra)]
 
@@ -104,7 +114,8 @@ def test_ctrl_c_keeps_the_rows_and_says_how_to_resume(
 ) -> None:
     model, _ = patchcore_files
     out = tmp_path / "out"
-    process = subprocess.Popen(_command(model, many_images, out), stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "-c", DEFAULT_SIGINT, *_command(model, many_images, out)[1:]]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     partial = out / "results.csv.partial"
     # The run goes on in short slices, stopped in between, and is interrupted while stopped: on a
     # busy machine it cannot finish between the look at its rows and the interrupt.
@@ -117,10 +128,11 @@ def test_ctrl_c_keeps_the_rows_and_says_how_to_resume(
         time.sleep(0.05)
         process.send_signal(signal.SIGSTOP)
     assert process.poll() is None, "the run ended before it could be interrupted"
+    state = Path(f"/proc/{process.pid}/status").read_text().splitlines()
     process.send_signal(signal.SIGINT)
     process.send_signal(signal.SIGCONT)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
+    assert process.returncode == 130, (stderr, [line for line in state if line.startswith("Sig")])
     assert "--resume" in stderr and "Traceback" not in stderr
     assert len(_rows(partial)) >= 10
 

@@ -29,6 +29,8 @@ from anomalens.data.synthetic import normal_crop
 from anomalens.deploy.ray_engine import CALL_CHUNKS, NEEDS_RAY, chunks_per_call
 from tests.test_cli import run
 
+pytestmark = pytest.mark.slow  # started first by `make test` (tests/conftest.py)
+
 ACTOR = "ray::MapWorker(MapBatches(ChunkScorer))"
 """The process title of a scoring actor."""
 SOURCE = str(Path(anomalens.__file__).resolve().parents[1])

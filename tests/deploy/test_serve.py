@@ -30,6 +30,8 @@ import anomalens
 from anomalens.data.mvtec import test_samples
 from anomalens.deploy.serve import Settings, create_app
 
+pytestmark = pytest.mark.slow  # started first by `make test` (tests/conftest.py)
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",

@@ -16,6 +16,8 @@ from anomalens.data.synthetic import add_defect
 from anomalens.errors import ParameterError
 from anomalens.evaluation.metrics import image_auroc
 
+pytestmark = pytest.mark.slow  # started first by `make test` (tests/conftest.py)
+
 SIZE = 32
 
 
