@@ -5,6 +5,7 @@ sharded fit's bank and thresholds; other methods are a one-line error."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -285,8 +287,20 @@ def test_an_actor_killed_mid_run_on_a_cluster_loses_nothing(
             if stored > 0 and actors:
                 os.kill(actors[0], signal.SIGKILL)
                 killed.append((actors, stored))
-        while killed and not restarted and not finished.wait(0.05):
-            restarted.extend(set(_descendants(ACTOR)) - set(killed[0][0]))
+        # The other actors wait (stopped) until Ray has restarted the killed one: on a busy machine
+        # they would otherwise finish the run before the new actor process is seen.
+        survivors = killed[0][0][1:] if killed else []
+        for pid in survivors:
+            os.kill(pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 120
+        try:
+            while killed and not restarted and time.monotonic() < deadline:
+                restarted.extend(set(_descendants(ACTOR)) - set(killed[0][0]))
+                time.sleep(0.05)
+        finally:
+            for pid in survivors:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
 
     killer = threading.Thread(target=kill_one_actor_and_see_it_restart)
     killer.start()
