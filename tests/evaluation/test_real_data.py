@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from anomalens.data.mvtec import test_samples, training_images
 from anomalens.evaluation.evaluator import fit_and_evaluate
 from tests.conftest import shared_dataset
+
+pytestmark = pytest.mark.slow  # started first by `make test` (tests/conftest.py)
 
 
 def test_mvtec_reader_on_bottle() -> None:

@@ -100,7 +100,12 @@ def inspect_images(
     `store`: where the rows go (default: `results_store(out, fmt)`)."""
 
     def engine(plan: Plan, store: ResultsStore, out: Path) -> Iterator[list[dict[str, Any]]]:
-        return _pipeline(scorer, plan, out, store, overlays, min_region_area)
+        def write(chunk: ScoredChunk) -> list[dict[str, Any]]:
+            # the overlays first, so a row on disk always has its overlay
+            finished = finish_chunk(*chunk, overlays, scorer.pixel_threshold_)
+            return store_rows(out, store, [(row, picture) for _, row, picture in finished])
+
+        return score_pipelined(scorer, plan, write, min_region_area)
 
     return run_inspection(
         engine, scorer.batch_size, inputs, out, fmt=fmt, resume=resume, store=store
@@ -111,6 +116,11 @@ Plan = list[tuple[list[InputImage], set[Path]]]
 """The chunks to score (the batches of an uninterrupted run), each with its images still to do."""
 Engine = Callable[[Plan, "ResultsStore", Path], Iterator[list[dict[str, Any]]]]
 """What scores a plan: yields each chunk's new rows once its overlays and rows are stored."""
+ScoredChunk = tuple[
+    list[InputImage], set[Path], dict[int, np.ndarray], list[Prediction], list[dict[str, Any]]
+]
+"""A chunk, its images to do, its decoded images by position, their predictions, and its rows
+(the error rows of the images that could not be read), as `finish_chunk` takes them."""
 
 
 def run_inspection(
@@ -153,31 +163,6 @@ def _chunks(images: list[InputImage], size: int) -> list[list[InputImage]]:
     """The batches of an uninterrupted run: a resumed run scores the same batches, so it gives the
     same scores."""
     return [images[start : start + size] for start in range(0, len(images), size)]
-
-
-def _pipeline(
-    scorer: Scorer,
-    plan: Plan,
-    out: Path,
-    store: ResultsStore,
-    overlays: bool,
-    min_region_area: int,
-) -> Iterator[list[dict[str, Any]]]:
-    """Each planned chunk's new rows, in order, once they and their overlays are on disk (the
-    overlays first, so a row on disk always has its overlay)."""
-
-    def write(chunk: ScoredChunk) -> list[dict[str, Any]]:
-        finished = finish_chunk(*chunk, overlays, scorer.pixel_threshold_)
-        return store_rows(out, store, [(row, picture) for _, row, picture in finished])
-
-    return score_pipelined(scorer, plan, write, min_region_area)
-
-
-ScoredChunk = tuple[
-    list[InputImage], set[Path], dict[int, np.ndarray], list[Prediction], list[dict[str, Any]]
-]
-"""A chunk, its images to do, its decoded images by position, their predictions, and its rows
-(the error rows of the images that could not be read), as `finish_chunk` takes them."""
 
 
 def score_pipelined(
