@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import anomalens
@@ -50,7 +51,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
-errors = Console(stderr=True)
+errors = Console(stderr=True, soft_wrap=True)
+"""Errors and warnings, one line each however long (a path is never wrapped in two)."""
 
 RayAddress = Annotated[
     str | None,
@@ -398,7 +400,7 @@ def predict(
         f"results in {summary.results}"
     )
     for path, reason in summary.failed:
-        errors.print(f"[red]skipped[/] {path}: {reason}", highlight=False)
+        errors.print(f"[red]skipped[/] {escape(str(path))}: {escape(reason)}", highlight=False)
     if summary.failed:
         raise typer.Exit(2)
 

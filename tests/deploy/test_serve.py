@@ -545,7 +545,10 @@ def test_serve_command_with_two_workers(patchcore_files, brick) -> None:
                 )
             )
         assert [a.status_code for a in answers] == [200] * 4
-        assert len({a.json()["results"][0]["score"] for a in answers}) == 1
+        scores = [a.json()["results"][0]["score"] for a in answers]
+        # batched together or alone, the same image: the same score up to the batch's float
+        # rounding (oneDNN's kernels for a batch of 4 and of 1 differ in the last bits)
+        assert max(scores) == pytest.approx(min(scores), rel=1e-6), scores
     finally:
         process.terminate()
         process.wait(timeout=30)
