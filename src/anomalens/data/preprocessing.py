@@ -31,6 +31,18 @@ covers the image exactly."""
 
 LETTERBOX_FILL = 0.5
 
+INTENSITY_MODES = ("raw", "standardize")
+"""What the feature extractor sees of an image's brightness: `raw` (the pixels as they are) or
+`standardize` (each image shifted and scaled to the same mean and spread of intensity, so that
+exposure and illumination that vary from image to image are not learnt as normal variety, nor
+flagged; `normalize_intensity`)."""
+
+STANDARD_MEAN = 0.5
+STANDARD_SPREAD = 40 / 255
+"""`standardize`'s target mean and standard deviation of an image's intensities (in [0, 1]): a
+mid-grey of moderate contrast, which keeps all but the extreme 0.1% of a normal image's pixels
+inside [0, 1]."""
+
 
 @dataclass(frozen=True)
 class Batch:
@@ -41,6 +53,27 @@ class Batch:
     pixels: torch.Tensor
     sizes: list[tuple[int, int]]
     boxes: list[tuple[int, int, int, int]]
+
+
+def check_intensity(mode: str) -> str:
+    """`mode` itself if it is one of `INTENSITY_MODES`, else a `ParameterError` naming them."""
+    if mode not in INTENSITY_MODES:
+        raise ParameterError(f"intensity must be one of {', '.join(INTENSITY_MODES)}; got {mode!r}")
+    return mode
+
+
+def normalize_intensity(images: torch.Tensor, mode: str) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> the same with each image's intensity `standardize`d (its mean
+    and standard deviation over all pixels and channels set to `STANDARD_MEAN` and
+    `STANDARD_SPREAD`, clipped to [0, 1]; colour ratios and local contrast kept), or unchanged
+    for `raw`. Per-image illumination normalisation, as in classical machine-vision inspection
+    under varying exposure; a defect is local, so it stands out the same way after it."""
+    if mode == "raw":
+        return images
+    mean = images.mean(dim=(1, 2, 3), keepdim=True)
+    spread = (images - mean).square().mean(dim=(1, 2, 3), keepdim=True).sqrt()
+    scale = STANDARD_SPREAD / (spread + 1e-3)
+    return ((images - mean) * scale + STANDARD_MEAN).clamp(0.0, 1.0)
 
 
 def check_resize(mode: str, supported: Sequence[str] = RESIZE_MODES) -> str:

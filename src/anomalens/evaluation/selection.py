@@ -68,6 +68,8 @@ class Candidate:
             parts.append("+".join(self.params["layers"]))
         if self.params.get("resize"):
             parts.append(str(self.params["resize"]))
+        if self.params.get("intensity", "raw") != "raw":
+            parts.append(str(self.params["intensity"]))
         return " ".join(parts)
 
 
@@ -83,7 +85,8 @@ def candidate(model: str, cost_factor: float = 1.0, **params: Any) -> Candidate:
 def default_candidates(non_square: bool = False) -> list[Candidate]:
     """The default grid: PatchCore and PaDiM on the offline backbones, input sizes 224/256/320,
     PatchCore also on the finer stride 4+8 layers and on any other installed offline backbone
-    (MobileNetV2), PaDiM also on the handcrafted features; with `non_square` images also PatchCore
+    (MobileNetV2), PaDiM also on the handcrafted features, both also with each image's intensity
+    standardised (`intensity="standardize"`); with `non_square` images also PatchCore
     keeping the aspect ratio and PaDiM letterboxed (when the detectors have the `resize`
     parameter)."""
     lite0, lite2 = "tf_efficientnet_lite0", "tf_efficientnet_lite2"
@@ -102,6 +105,8 @@ def default_candidates(non_square: bool = False) -> list[Candidate]:
         candidate("patchcore", backbone=lite2, image_size=256),
         candidate("padim", backbone=lite2, image_size=256),
         candidate("padim", backbone="handcrafted", image_size=256),
+        candidate("patchcore", backbone=lite0, image_size=256, intensity="standardize"),
+        candidate("padim", backbone=lite0, image_size=256, intensity="standardize"),
     ]
     grid += [
         candidate("patchcore", backbone=name, image_size=256)

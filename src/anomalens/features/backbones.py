@@ -19,6 +19,7 @@ import timm
 import torch
 from torch import nn
 
+from anomalens.data.preprocessing import check_intensity, normalize_intensity
 from anomalens.errors import WeightsError
 from anomalens.features.handcrafted import HANDCRAFTED, HandcraftedFeatures, handcrafted_levels
 
@@ -214,8 +215,10 @@ def default_layers(name: str) -> tuple[str, ...]:
 class Backbone(nn.Module):
     """A truncated pretrained network returning the feature maps of the named layers.
 
-    Input: float tensor (B, 3, H, W) in [0, 1]; the network's own normalisation (for the TF-trained
-    EfficientNet-Lite weights, mean 0.5 and std 0.5) is applied inside.
+    Input: float tensor (B, 3, H, W) in [0, 1]; the `intensity` normalisation
+    (`anomalens.data.preprocessing.normalize_intensity`) and the network's own normalisation (for
+    the TF-trained EfficientNet-Lite weights, mean 0.5 and std 0.5) are applied inside, so that an
+    exported graph does them too.
     """
 
     def __init__(
@@ -223,8 +226,10 @@ class Backbone(nn.Module):
         name: str = DEFAULT_BACKBONE,
         layers: tuple[str, ...] | None = None,
         weights: str | Path = "auto",
+        intensity: str = "raw",
     ) -> None:
         super().__init__()
+        self.intensity = check_intensity(intensity)
         levels = feature_levels(name)
         modules = [module for module, _, _ in levels]
         self.name = name
@@ -250,7 +255,7 @@ class Backbone(nn.Module):
         self.eval()
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return self.network((images - self.mean) / self.std)
+        return self.network((normalize_intensity(images, self.intensity) - self.mean) / self.std)
 
 
 def _drop_network_prefix(
@@ -277,10 +282,12 @@ def create_backbone(
     name: str = DEFAULT_BACKBONE,
     layers: tuple[str, ...] | list[str] | None = None,
     weights: str | Path = "auto",
+    intensity: str = "raw",
 ) -> FeatureExtractor:
     """A pretrained timm `Backbone`, or the `HandcraftedFeatures` for ``name="handcrafted"``
-    (which has no weights, so `weights` is ignored)."""
+    (which has no weights, so `weights` is ignored); either normalises each image's `intensity`
+    first (`anomalens.data.preprocessing.INTENSITY_MODES`)."""
     layers = tuple(layers) if layers else None
     if name == HANDCRAFTED:
-        return HandcraftedFeatures(layers)
-    return Backbone(name, layers, weights)
+        return HandcraftedFeatures(layers, intensity)
+    return Backbone(name, layers, weights, intensity)

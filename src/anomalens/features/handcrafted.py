@@ -26,6 +26,7 @@ from skimage.feature import local_binary_pattern
 from skimage.filters import sobel_h, sobel_v
 from torch import nn
 
+from anomalens.data.preprocessing import check_intensity, normalize_intensity
 from anomalens.errors import WeightsError
 
 HANDCRAFTED = "handcrafted"
@@ -50,8 +51,9 @@ class HandcraftedFeatures(nn.Module):
     layer. It has no weights.
     """
 
-    def __init__(self, layers: tuple[str, ...] | None = None) -> None:
+    def __init__(self, layers: tuple[str, ...] | None = None, intensity: str = "raw") -> None:
         super().__init__()
+        self.intensity = check_intensity(intensity)
         levels = {name: (stride, channels) for name, stride, channels in handcrafted_levels()}
         self.name = HANDCRAFTED
         self.layers = tuple(layers) if layers else ("cells8", "cells16")
@@ -66,7 +68,7 @@ class HandcraftedFeatures(nn.Module):
         self.eval()
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        pixels = _pixel_features(images.float())
+        pixels = _pixel_features(normalize_intensity(images.float(), self.intensity))
         return [_window_statistics(pixels, stride) for stride in self.strides]
 
 

@@ -80,6 +80,7 @@ class PaDiM(Detector):
         smoothing_sigma: float = 4.0,
         *,
         resize: str = "squash",
+        intensity: str = "raw",
         image_size: int = 256,
         target_fpr: float = 0.01,
         pixel_target_fpr: float = 0.001,
@@ -92,7 +93,7 @@ class PaDiM(Detector):
     # ---- embeddings --------------------------------------------------------------------------
     def _build_backbone(self) -> None:
         layers = self.layers or layers_with_strides(self.backbone, (4, 8, 16))
-        self.backbone_ = create_backbone(self.backbone, layers, self.weights)
+        self.backbone_ = create_backbone(self.backbone, layers, self.weights, self.intensity)
         self.layers_ = list(self.backbone_.layers)
 
     def _select_channels(self) -> torch.Tensor:
@@ -185,7 +186,7 @@ class PaDiM(Detector):
 
     # ---- persistence -------------------------------------------------------------------------
     def _build_state(self) -> None:
-        self.backbone_ = create_backbone(self.backbone, self.layers_, "random")
+        self.backbone_ = create_backbone(self.backbone, self.layers_, "random", self.intensity)
 
     def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
         super()._restore(tensors)

@@ -154,6 +154,7 @@ class PatchCore(Detector):
         rerank: int = 32,
         *,
         resize: str = "squash",
+        intensity: str = "raw",
         image_size: int = 256,
         target_fpr: float = 0.01,
         pixel_target_fpr: float = 0.001,
@@ -204,7 +205,7 @@ class PatchCore(Detector):
             raise ParameterError(f"shard_images must be at least 1, got {self.shard_images}")
         self._check_bank_index()
         check_resize(self.resize)
-        self.backbone_ = create_backbone(self.backbone, self.layers, self.weights)
+        self.backbone_ = create_backbone(self.backbone, self.layers, self.weights, self.intensity)
         self.layers_ = list(self.backbone_.layers)
         self.damp_border_ = True
         self.n_patches_ = 0
@@ -360,7 +361,7 @@ class PatchCore(Detector):
 
     # ---- persistence -------------------------------------------------------------------------
     def _build_state(self) -> None:
-        self.backbone_ = create_backbone(self.backbone, self.layers_, "random")
+        self.backbone_ = create_backbone(self.backbone, self.layers_, "random", self.intensity)
 
     def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
         """The squared norms and the support are derived from the bank, not saved."""

@@ -1,0 +1,99 @@
+"""`intensity="standardize"`: each image's exposure normalised inside the feature extractor, so
+that a brighter or dimmer normal image is still normal, a local defect is still found, and the
+model file and its ONNX graph do the same."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+import anomalens
+from anomalens.data.preprocessing import STANDARD_MEAN, STANDARD_SPREAD, normalize_intensity
+from anomalens.deploy.export import export_onnx
+from anomalens.errors import ParameterError
+from anomalens.evaluation.selection import default_candidates
+
+SIZE = 64
+
+
+def texture(seed: int, gain: float = 1.0) -> np.ndarray:
+    """A grey, smooth, slightly noisy texture (uint8 RGB), its brightness scaled by `gain`."""
+    rng = np.random.default_rng(seed)
+    low = ndimage.gaussian_filter(rng.normal(size=(SIZE, SIZE)), 3)
+    gray = 0.4 + 0.06 * low / low.std() + 0.01 * rng.normal(size=(SIZE, SIZE))
+    return (np.clip(gray * gain, 0, 1)[:, :, None].repeat(3, 2) * 255).round().astype(np.uint8)
+
+
+def with_spot(image: np.ndarray) -> np.ndarray:
+    """`image` with a black 16 x 16 square in the middle."""
+    spotted = image.copy()
+    spotted[22:38, 22:38] = 0
+    return spotted
+
+
+def test_standardize_removes_gain_and_offset_and_raw_is_identity() -> None:
+    images = torch.rand(2, 3, 32, 32) * 0.3 + 0.2
+    brighter = images * 1.8 + 0.1  # still inside [0, 1]
+    standard = normalize_intensity(images, "standardize")
+    torch.testing.assert_close(
+        normalize_intensity(brighter, "standardize"), standard, atol=2e-3, rtol=0
+    )
+    means = standard.mean(dim=(1, 2, 3))
+    spreads = standard.std(dim=(1, 2, 3), correction=0)
+    torch.testing.assert_close(means, torch.full((2,), STANDARD_MEAN), atol=1e-3, rtol=0)
+    torch.testing.assert_close(spreads, torch.full((2,), STANDARD_SPREAD), atol=2e-3, rtol=0)
+    assert normalize_intensity(images, "raw") is images
+    flat = torch.full((1, 3, 8, 8), 0.7)  # no spread at all: mid-grey, not a division by zero
+    torch.testing.assert_close(normalize_intensity(flat, "standardize"), torch.full_like(flat, 0.5))
+
+
+@pytest.fixture(scope="module")
+def fitted() -> dict[str, anomalens.Detector]:
+    train = [texture(seed) for seed in range(20)]
+    return {
+        f"{model} {mode}": anomalens.create(
+            model, image_size=SIZE, intensity=mode, validation_fraction=0.25
+        ).fit(train)
+        for model in ("patchcore", "padim")
+        for mode in ("raw", "standardize")
+    }
+
+
+@pytest.mark.parametrize("model", ["patchcore", "padim"])
+def test_a_brighter_normal_image_stays_normal_and_a_defect_is_found(fitted, model: str) -> None:
+    normal, brighter = texture(100), texture(100, gain=1.8)
+    images = [normal, brighter, with_spot(normal), with_spot(texture(101, gain=0.6))]
+    raw, standard = fitted[f"{model} raw"], fitted[f"{model} standardize"]
+    raw_scores, scores = raw.decision_function(images), standard.decision_function(images)
+    assert raw_scores[0] < raw.image_threshold_ < raw_scores[1], "raw: brighter looks anomalous"
+    assert max(scores[:2]) < standard.image_threshold_, "standardized: brighter is still normal"
+    assert scores[1] == pytest.approx(scores[0], rel=0.05)
+    assert min(scores[2:]) > 1.5 * standard.image_threshold_, "local defects are still found"
+
+
+def test_persisted_and_exported_with_the_normalisation(fitted, tmp_path: Path) -> None:
+    model = fitted["patchcore standardize"]
+    images = [texture(200), texture(201, gain=1.5), with_spot(texture(202, gain=0.7))]
+    loaded = anomalens.load(model.save(tmp_path / "model.safetensors"))
+    assert loaded.intensity == "standardize"
+    np.testing.assert_allclose(loaded.decision_function(images), model.decision_function(images))
+    onnx = anomalens.load(export_onnx(model, tmp_path / "model.onnx"))
+    np.testing.assert_allclose(
+        onnx.decision_function(images), model.decision_function(images), rtol=1e-3
+    )
+
+
+def test_bad_intensity_is_a_parameter_error() -> None:
+    with pytest.raises(
+        ParameterError, match="intensity must be one of raw, standardize; got 'gamma'"
+    ):
+        anomalens.create("patchcore", image_size=SIZE, intensity="gamma").fit([texture(0)] * 2)
+
+
+def test_auto_fit_tries_standardized_intensity() -> None:
+    labels = [item.label for item in default_candidates()]
+    assert "patchcore lite0 256 standardize" in labels and "padim lite0 256 standardize" in labels
