@@ -168,14 +168,3 @@ def test_cli_fit_auto_refuses_a_model_choice(brick, tmp_path, monkeypatch, capsy
     assert capsys.readouterr().err.strip() == (
         "error: --auto chooses the detector and its settings; leave out --model"
     )
-
-
-@pytest.mark.parametrize(("count", "fit", "held"), [(100, 40, 16), (400, 100, 25)])
-def test_the_search_grows_with_the_normal_images(count: int, fit: int, held: int) -> None:
-    """A quarter of the images fit each candidate and a sixteenth are held out (at least 40 and
-    16): a big, varied set is judged on more of its variety."""
-    rng = np.random.default_rng(0)
-    images = [normal_crop("brick", rng, 32) for _ in range(count)]
-    detector, _ = auto_fit(images, [BLIND], time_budget_s=600)
-    assert detector.selection_["n_fit_images"] == fit
-    assert detector.selection_["n_held_out_images"] == held

@@ -45,14 +45,6 @@ _METHOD_COST = {"patchcore": 1.0, "padim": 0.5}
 _OVERHEAD = 0.25
 """Cost of building a candidate (backbone, weights), whatever its input size."""
 
-SEARCH_FIT_IMAGES = (40, 200)
-SEARCH_HELD_OUT = (16, 48)
-"""The fewest and most images that fit each candidate, and that are held out for the synthetic
-anomalies, by default: a quarter and a sixteenth of the normal images within these bounds. A
-search on a small share of a large, varied set misjudges the candidates, because a detector's
-accuracy grows with the normal variety it has seen (magnetic tile: half its 761 training
-images cost PatchCore 0.03 image AUROC; benchmarks/RESULTS.md)."""
-
 
 @dataclass(frozen=True)
 class Candidate:
@@ -135,8 +127,8 @@ def auto_fit(
     time_budget_s: float = 600.0,
     seed: int = 0,
     *,
-    max_fit_images: int | None = None,
-    held_out: int | None = None,
+    max_fit_images: int = 40,
+    held_out: int = 16,
     anomalies_per_image: int = 2,
     kinds: Sequence[str] = SYNTHETIC_KINDS,
     strict: bool = False,
@@ -144,10 +136,9 @@ def auto_fit(
     """Choose among `candidates` (default: `default_candidates()`) by their score on synthetic
     anomalies (see the module docstring), refit the winner on all `images` and return it with
     the table of candidates (also in its `selection_`). At most `max_fit_images` images fit each
-    candidate and `held_out` are held out (default: `SEARCH_FIT_IMAGES`, `SEARCH_HELD_OUT`);
-    `kinds` are the synthetic anomalies pasted (default: all). The same `seed` gives the same
-    choice, as long as the time budget does not cut the search. Unreadable image files are
-    skipped and listed as `fit` does (`strict`: raise)."""
+    candidate and `held_out` are held out; `kinds` are the synthetic anomalies pasted (default:
+    all). The same `seed` gives the same choice, as long as the time budget does not cut the
+    search. Unreadable image files are skipped and listed as `fit` does (`strict`: raise)."""
     started = time.perf_counter()
     arrays, skipped = readable_images(images, strict, as_arrays=True)
     if len(arrays) < 4:
@@ -158,10 +149,6 @@ def auto_fit(
         candidates = default_candidates(any(a.shape[0] != a.shape[1] for a in arrays))
     if not candidates:
         raise DataError("auto_fit got no candidates")
-    if max_fit_images is None:
-        max_fit_images = int(np.clip(len(arrays) // 4, *SEARCH_FIT_IMAGES))
-    if held_out is None:
-        held_out = int(np.clip(len(arrays) // 16, *SEARCH_HELD_OUT))
     order = np.random.default_rng(seed).permutation(len(arrays))
     n_held = min(held_out, max(2, len(arrays) // 4))
     normal = [arrays[i] for i in sorted(order[:n_held])]
