@@ -40,7 +40,7 @@ flagged; `normalize_intensity`)."""
 STANDARD_MEAN = 0.5
 STANDARD_SPREAD = 40 / 255
 """`standardize`'s target mean and standard deviation of an image's intensities (in [0, 1]): a
-mid-grey of moderate contrast, which keeps all but the extreme 0.1% of a normal image's pixels
+mid-grey of moderate contrast, which keeps all but about 0.1% of a normal image's pixels
 inside [0, 1]."""
 
 
@@ -53,13 +53,6 @@ class Batch:
     pixels: torch.Tensor
     sizes: list[tuple[int, int]]
     boxes: list[tuple[int, int, int, int]]
-
-
-def check_intensity(mode: str) -> str:
-    """`mode` itself if it is one of `INTENSITY_MODES`, else a `ParameterError` naming them."""
-    if mode not in INTENSITY_MODES:
-        raise ParameterError(f"intensity must be one of {', '.join(INTENSITY_MODES)}; got {mode!r}")
-    return mode
 
 
 def normalize_intensity(images: torch.Tensor, mode: str) -> torch.Tensor:

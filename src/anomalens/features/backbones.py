@@ -19,8 +19,8 @@ import timm
 import torch
 from torch import nn
 
-from anomalens.data.preprocessing import check_intensity, normalize_intensity
-from anomalens.errors import WeightsError
+from anomalens.data.preprocessing import INTENSITY_MODES, normalize_intensity
+from anomalens.errors import WeightsError, check_choice
 from anomalens.features.handcrafted import HANDCRAFTED, HandcraftedFeatures, handcrafted_levels
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
@@ -229,7 +229,8 @@ class Backbone(nn.Module):
         intensity: str = "raw",
     ) -> None:
         super().__init__()
-        self.intensity = check_intensity(intensity)
+        check_choice("intensity", intensity, INTENSITY_MODES)
+        self.intensity = intensity
         levels = feature_levels(name)
         modules = [module for module, _, _ in levels]
         self.name = name

@@ -26,8 +26,8 @@ from skimage.feature import local_binary_pattern
 from skimage.filters import sobel_h, sobel_v
 from torch import nn
 
-from anomalens.data.preprocessing import check_intensity, normalize_intensity
-from anomalens.errors import WeightsError
+from anomalens.data.preprocessing import INTENSITY_MODES, normalize_intensity
+from anomalens.errors import WeightsError, check_choice
 
 HANDCRAFTED = "handcrafted"
 STRIDES = (4, 8, 16, 32)
@@ -53,7 +53,8 @@ class HandcraftedFeatures(nn.Module):
 
     def __init__(self, layers: tuple[str, ...] | None = None, intensity: str = "raw") -> None:
         super().__init__()
-        self.intensity = check_intensity(intensity)
+        check_choice("intensity", intensity, INTENSITY_MODES)
+        self.intensity = intensity
         levels = {name: (stride, channels) for name, stride, channels in handcrafted_levels()}
         self.name = HANDCRAFTED
         self.layers = tuple(layers) if layers else ("cells8", "cells16")
