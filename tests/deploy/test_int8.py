@@ -121,3 +121,35 @@ def test_int8_needs_calibration_images(patchcore_files, tmp_path: Path, monkeypa
     few = [np.zeros((32, 32, 3), np.uint8)] * 3
     with pytest.raises(ExportError, match="at least 4 readable normal images"):
         int8.calibration_images(few)
+
+
+def test_padim_int8_graph_absorbs_its_rounding(brick: Path, tmp_path: Path, monkeypatch) -> None:
+    """PaDiM's int8 graph has its Gaussians widened by the rounding error measured on the normal
+    images, so its normal maps keep the float model's level; without it they rise."""
+    from anomalens.deploy.export import export_onnx
+
+    images = training_images(brick)
+    padim = anomalens.create("padim", image_size=128).fit(images)
+    float_path = export_onnx(padim, tmp_path / "padim.onnx")
+    record = int8.export_int8(padim, float_path, tmp_path / "absorbed.onnx", images)
+    error = record["absorbed_feature_error"]
+    assert error["images"] == len(images) and 0.0 < error["relative_error"] < 0.3
+    graph = onnx.load(str(tmp_path / "absorbed.onnx"))
+    constants = [onnx.numpy_helper.to_array(tensor) for tensor in graph.graph.initializer]
+    assert not any(np.array_equal(value, padim.mean_.numpy()) for value in constants)
+
+    monkeypatch.setattr(type(padim), "feature_mean", None)
+    plain = int8.export_int8(padim, float_path, tmp_path / "plain.onnx", images)
+    assert plain["absorbed_feature_error"] is None
+
+    def normal_level(model) -> float:
+        return float(np.mean([p.anomaly_map.mean() for p in model.predict(images)]))
+
+    level = normal_level(padim)
+    absorbed = abs(normal_level(anomalens.load(tmp_path / "absorbed.onnx")) - level)
+    unabsorbed = abs(normal_level(anomalens.load(tmp_path / "plain.onnx")) - level)
+    assert absorbed < unabsorbed
+    sample = next(s for s in test_samples(brick) if s.label)
+    float_map = padim.predict([sample.path])[0].anomaly_map
+    int8_map = anomalens.load(tmp_path / "absorbed.onnx").predict([sample.path])[0].anomaly_map
+    assert spearmanr(float_map.ravel(), int8_map.ravel()).statistic > 0.9

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from anomalens import progress
+from anomalens.components.density import Moments
 from anomalens.core.model_file import model_config, write_model_file
 from anomalens.core.scorer import Scorer
 from anomalens.core.thresholds import TailQuantile, threshold_at_fpr
@@ -59,6 +60,11 @@ class Detector(Scorer):
     """Refit on every image once the thresholds are set, so the held-out images do not cost
     accuracy (methods whose fit is a single pass over the features; trained networks keep the
     held-out split instead of doubling their training time)."""
+    feature_mean: ClassVar[str | None] = None
+    """The fitted (P, d) tensor that the score graph subtracts from the patch features (PaDiM's
+    mean per position), for methods whose statistics can absorb a feature error measured outside
+    them (`feature_vectors`, `absorb_feature_error`): an int8 export measures its rounding there
+    (`anomalens.deploy.int8`)."""
 
     def __init__(
         self,
@@ -301,6 +307,15 @@ class Detector(Scorer):
                 f"{self.name} models cannot be exported to ONNX (no exportable graph)"
             )
         return ScoreGraph(self)
+
+    def feature_vectors(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, P, d) the patch features the score graph centres on `feature_mean`."""
+        raise NotImplementedError(f"{self.name} has no feature_mean")
+
+    def absorb_feature_error(self, error: Moments) -> dict[str, torch.Tensor]:
+        """New values of fitted tensors (by name) that take a feature error (features seen minus
+        `feature_vectors`; its sums in `error`, one set per position) into the statistics."""
+        raise NotImplementedError(f"{self.name} has no feature_mean")
 
     def exported_model(self) -> Detector:
         """The model whose predictions the exported graph reproduces, which the export is checked
