@@ -75,6 +75,32 @@ def test_a_brighter_normal_image_stays_normal_and_a_defect_is_found(fitted, mode
     assert min(scores[2:]) > 1.5 * standard.image_threshold_, "local defects are still found"
 
 
+@pytest.mark.parametrize(
+    ("model", "params"),
+    [
+        ("knn", {}),
+        ("gaussian", {}),
+        ("dfr", {"max_epochs": 1, "time_budget_s": None}),
+        ("fastflow", {"flow_steps": 2, "max_epochs": 1, "time_budget_s": None}),
+        ("cflow", {"flow_steps": 2, "max_epochs": 1, "time_budget_s": None}),
+    ],
+)
+def test_every_feature_method_standardizes(model: str, params: dict, tmp_path: Path) -> None:
+    train = [texture(seed) for seed in range(8)]
+    detector = anomalens.create(
+        model, image_size=SIZE, intensity="standardize", validation_fraction=0.25, **params
+    ).fit(train)
+    normal, brighter = texture(100), texture(100, gain=1.8)
+    scores = detector.decision_function([normal, brighter])
+    assert scores[1] == pytest.approx(scores[0], rel=0.05), "the same image, brighter"
+    raw = anomalens.create(model, image_size=SIZE, validation_fraction=0.25, **params).fit(train)
+    raw_scores = raw.decision_function([normal, brighter])
+    assert abs(raw_scores[1] - raw_scores[0]) > 0.05 * abs(raw_scores[0])
+    loaded = anomalens.load(detector.save(tmp_path / "model.safetensors"))
+    assert loaded.intensity == "standardize"
+    np.testing.assert_allclose(loaded.decision_function([brighter]), scores[1:], rtol=1e-5)
+
+
 def test_persisted_and_exported_with_the_normalisation(fitted, tmp_path: Path) -> None:
     model = fitted["patchcore standardize"]
     images = [texture(200), texture(201, gain=1.5), with_spot(texture(202, gain=0.7))]

@@ -87,6 +87,7 @@ class DFR(TrainedDetector):
         learning_rate: float = 1e-3,
         *,
         resize: str = "squash",
+        intensity: str = "raw",
         image_size: int = 256,
         target_fpr: float = 0.01,
         pixel_target_fpr: float = 0.001,
@@ -98,7 +99,9 @@ class DFR(TrainedDetector):
 
     # ---- features ----------------------------------------------------------------------------
     def _build_backbone(self, weights: str | Path, layers: list[str] | None) -> None:
-        self.backbone_ = Backbone(self.backbone, tuple(layers) if layers else None, weights)
+        self.backbone_ = Backbone(
+            self.backbone, tuple(layers) if layers else None, weights, self.intensity
+        )
         self.layers_ = list(self.backbone_.layers)
 
     @torch.inference_mode()

@@ -28,8 +28,8 @@ from anomalens.features.patches import backbone_features
 class FlowDetector(TrainedDetector):
     """Shared fit / score / persistence of the flow detectors (see the module docstring).
     Subclasses declare the parameters: `backbone`, `layers`, `weights`, `flow_steps`, `clamp`,
-    `learning_rate`, `max_epochs`, `time_budget_s`, `patience`, `smoothing_sigma` and the common
-    ones."""
+    `learning_rate`, `max_epochs`, `time_budget_s`, `patience`, `smoothing_sigma`, `intensity` and
+    the common ones."""
 
     fitted_fields = ("training_", "layers_")
     fitted_tensors = ("backbone_", "flows_", "mean_", "std_")
@@ -49,7 +49,9 @@ class FlowDetector(TrainedDetector):
             raise AnomalensError(
                 f"flow_steps must be >= 1 and clamp > 0, got {self.flow_steps} and {self.clamp}"
             )
-        self.backbone_ = Backbone(self.backbone, tuple(layers) if layers else None, weights)
+        self.backbone_ = Backbone(
+            self.backbone, tuple(layers) if layers else None, weights, self.intensity
+        )
         self.layers_ = list(self.backbone_.layers)
         generator = torch.Generator().manual_seed(self.seed)
         self.flows_ = nn.ModuleList(
