@@ -12,7 +12,13 @@ import torch
 from scipy import ndimage
 
 import anomalens
-from anomalens.data.preprocessing import STANDARD_MEAN, STANDARD_SPREAD, normalize_intensity
+from anomalens.data.preprocessing import (
+    LETTERBOX_FILL,
+    STANDARD_MEAN,
+    STANDARD_SPREAD,
+    iter_batches,
+    normalize_intensity,
+)
 from anomalens.deploy.export import export_onnx
 from anomalens.errors import ParameterError
 from anomalens.evaluation.selection import default_candidates
@@ -49,6 +55,30 @@ def test_standardize_removes_gain_and_offset_and_raw_is_identity() -> None:
     assert normalize_intensity(images, "raw") is images
     flat = torch.full((1, 3, 8, 8), 0.7)  # no spread at all: mid-grey, not a division by zero
     torch.testing.assert_close(normalize_intensity(flat, "standardize"), torch.full_like(flat, 0.5))
+
+
+def test_letterbox_padding_is_left_out_of_the_statistics(tmp_path: Path) -> None:
+    narrow = texture(0)[:, :32]  # 64 x 32, letterboxed into 64 x 64 with 16 px of fill a side
+    brighter = texture(0, gain=1.8)[:, :32]
+    batch = next(iter_batches([narrow, brighter], SIZE, 2, None, "letterbox"))
+    top, left, height, width = batch.boxes[0]
+    inside = np.s_[:, :, top : top + height, left : left + width]
+    standard = normalize_intensity(batch.pixels, "standardize", letterboxed=True)
+    means = standard[inside].mean(dim=(1, 2, 3))
+    torch.testing.assert_close(means, torch.full((2,), STANDARD_MEAN), atol=1e-3, rtol=0)
+    torch.testing.assert_close(standard[0], standard[1], atol=0.015, rtol=0)  # uint8 rounding
+    assert (standard[:, :, :, :left] == LETTERBOX_FILL).all(), "the padding stays mid-grey"
+    counted = normalize_intensity(batch.pixels, "standardize")  # the padding in the statistics
+    assert (counted[inside].mean(dim=(1, 2, 3)) - STANDARD_MEAN).abs().max() > 0.02
+    assert (counted[0] - counted[1]).abs().max() > 0.05
+
+    model = anomalens.create(
+        "patchcore", image_size=SIZE, resize="letterbox", intensity="standardize"
+    ).fit([texture(seed)[:, :32] for seed in range(8)])
+    scores = model.decision_function([narrow, brighter])
+    assert scores[1] == pytest.approx(scores[0], rel=0.05)
+    exported = anomalens.load(export_onnx(model, tmp_path / "patchcore.onnx"))
+    np.testing.assert_allclose(exported.decision_function([narrow, brighter]), scores, rtol=1e-3)
 
 
 @pytest.fixture(scope="module")

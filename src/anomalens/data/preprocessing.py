@@ -55,18 +55,26 @@ class Batch:
     boxes: list[tuple[int, int, int, int]]
 
 
-def normalize_intensity(images: torch.Tensor, mode: str) -> torch.Tensor:
+def normalize_intensity(images: torch.Tensor, mode: str, letterboxed: bool = False) -> torch.Tensor:
     """(B, 3, H, W) in [0, 1] -> the same with each image's intensity `standardize`d (its mean
     and standard deviation over all pixels and channels set to `STANDARD_MEAN` and
     `STANDARD_SPREAD`, clipped to [0, 1]; colour ratios and local contrast kept), or unchanged
     for `raw`. Per-image illumination normalisation, as in classical machine-vision inspection
-    under varying exposure; a defect is local, so it stands out the same way after it."""
+    under varying exposure; a defect is local, so it stands out the same way after it.
+    `letterboxed`: pixels of exactly `LETTERBOX_FILL` in every channel are padding, left out of
+    the statistics and left as they are."""
     if mode == "raw":
         return images
-    mean = images.mean(dim=(1, 2, 3), keepdim=True)
-    spread = (images - mean).square().mean(dim=(1, 2, 3), keepdim=True).sqrt()
+    if letterboxed:
+        inside = (images != LETTERBOX_FILL).any(dim=1, keepdim=True).to(images.dtype)
+    else:
+        inside = torch.ones_like(images[:, :1])
+    count = (inside.sum(dim=(1, 2, 3), keepdim=True) * images.shape[1]).clamp_min(1.0)
+    mean = (images * inside).sum(dim=(1, 2, 3), keepdim=True) / count
+    spread = (((images - mean) * inside).square().sum(dim=(1, 2, 3), keepdim=True) / count).sqrt()
     scale = STANDARD_SPREAD / (spread + 1e-3)
-    return ((images - mean) * scale + STANDARD_MEAN).clamp(0.0, 1.0)
+    standard = ((images - mean) * scale + STANDARD_MEAN).clamp(0.0, 1.0)
+    return torch.where(inside > 0, standard, images) if letterboxed else standard
 
 
 def check_resize(mode: str, supported: Sequence[str] = RESIZE_MODES) -> str:

@@ -227,10 +227,12 @@ class Backbone(nn.Module):
         layers: tuple[str, ...] | None = None,
         weights: str | Path = "auto",
         intensity: str = "raw",
+        letterboxed: bool = False,
     ) -> None:
         super().__init__()
         check_choice("intensity", intensity, INTENSITY_MODES)
         self.intensity = intensity
+        self.letterboxed = letterboxed
         levels = feature_levels(name)
         modules = [module for module, _, _ in levels]
         self.name = name
@@ -256,7 +258,9 @@ class Backbone(nn.Module):
         self.eval()
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return self.network((normalize_intensity(images, self.intensity) - self.mean) / self.std)
+        return self.network(
+            (normalize_intensity(images, self.intensity, self.letterboxed) - self.mean) / self.std
+        )
 
 
 def _drop_network_prefix(
@@ -284,11 +288,13 @@ def create_backbone(
     layers: tuple[str, ...] | list[str] | None = None,
     weights: str | Path = "auto",
     intensity: str = "raw",
+    letterboxed: bool = False,
 ) -> FeatureExtractor:
     """A pretrained timm `Backbone`, or the `HandcraftedFeatures` for ``name="handcrafted"``
     (which has no weights, so `weights` is ignored); either normalises each image's `intensity`
-    first (`anomalens.data.preprocessing.INTENSITY_MODES`)."""
+    first (`anomalens.data.preprocessing.INTENSITY_MODES`; `letterboxed` inputs without their
+    padding)."""
     layers = tuple(layers) if layers else None
     if name == HANDCRAFTED:
-        return HandcraftedFeatures(layers, intensity)
-    return Backbone(name, layers, weights, intensity)
+        return HandcraftedFeatures(layers, intensity, letterboxed)
+    return Backbone(name, layers, weights, intensity, letterboxed)

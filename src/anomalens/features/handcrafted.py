@@ -51,10 +51,16 @@ class HandcraftedFeatures(nn.Module):
     layer. It has no weights.
     """
 
-    def __init__(self, layers: tuple[str, ...] | None = None, intensity: str = "raw") -> None:
+    def __init__(
+        self,
+        layers: tuple[str, ...] | None = None,
+        intensity: str = "raw",
+        letterboxed: bool = False,
+    ) -> None:
         super().__init__()
         check_choice("intensity", intensity, INTENSITY_MODES)
         self.intensity = intensity
+        self.letterboxed = letterboxed
         levels = {name: (stride, channels) for name, stride, channels in handcrafted_levels()}
         self.name = HANDCRAFTED
         self.layers = tuple(layers) if layers else ("cells8", "cells16")
@@ -69,7 +75,9 @@ class HandcraftedFeatures(nn.Module):
         self.eval()
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        pixels = _pixel_features(normalize_intensity(images.float(), self.intensity))
+        pixels = _pixel_features(
+            normalize_intensity(images.float(), self.intensity, self.letterboxed)
+        )
         return [_window_statistics(pixels, stride) for stride in self.strides]
 
 

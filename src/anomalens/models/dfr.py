@@ -99,9 +99,9 @@ class DFR(TrainedDetector):
 
     # ---- features ----------------------------------------------------------------------------
     def _build_backbone(self, weights: str | Path, layers: list[str] | None) -> None:
-        self.backbone_ = Backbone(
-            self.backbone, tuple(layers) if layers else None, weights, self.intensity
-        )
+        layers = tuple(layers) if layers else None
+        letterboxed = self.resize == "letterbox"
+        self.backbone_ = Backbone(self.backbone, layers, weights, self.intensity, letterboxed)
         self.layers_ = list(self.backbone_.layers)
 
     @torch.inference_mode()

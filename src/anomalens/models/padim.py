@@ -94,7 +94,9 @@ class PaDiM(Detector):
     # ---- embeddings --------------------------------------------------------------------------
     def _build_backbone(self) -> None:
         layers = self.layers or layers_with_strides(self.backbone, (4, 8, 16))
-        self.backbone_ = create_backbone(self.backbone, layers, self.weights, self.intensity)
+        self.backbone_ = create_backbone(
+            self.backbone, layers, self.weights, self.intensity, self.resize == "letterbox"
+        )
         self.layers_ = list(self.backbone_.layers)
 
     def _select_channels(self) -> torch.Tensor:
@@ -192,7 +194,9 @@ class PaDiM(Detector):
 
     # ---- persistence -------------------------------------------------------------------------
     def _build_state(self) -> None:
-        self.backbone_ = create_backbone(self.backbone, self.layers_, "random", self.intensity)
+        self.backbone_ = create_backbone(
+            self.backbone, self.layers_, "random", self.intensity, self.resize == "letterbox"
+        )
 
     def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
         super()._restore(tensors)

@@ -205,7 +205,9 @@ class PatchCore(Detector):
             raise ParameterError(f"shard_images must be at least 1, got {self.shard_images}")
         self._check_bank_index()
         check_resize(self.resize)
-        self.backbone_ = create_backbone(self.backbone, self.layers, self.weights, self.intensity)
+        self.backbone_ = create_backbone(
+            self.backbone, self.layers, self.weights, self.intensity, self.resize == "letterbox"
+        )
         self.layers_ = list(self.backbone_.layers)
         self.damp_border_ = True
         self.n_patches_ = 0
@@ -361,7 +363,9 @@ class PatchCore(Detector):
 
     # ---- persistence -------------------------------------------------------------------------
     def _build_state(self) -> None:
-        self.backbone_ = create_backbone(self.backbone, self.layers_, "random", self.intensity)
+        self.backbone_ = create_backbone(
+            self.backbone, self.layers_, "random", self.intensity, self.resize == "letterbox"
+        )
 
     def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
         """The squared norms and the support are derived from the bank, not saved."""
