@@ -1,4 +1,4 @@
-"""int8 vs fp32 ONNX graphs of one PatchCore, under ONNX Runtime and OpenVINO, on 2 cores.
+"""int8 vs fp32 ONNX graphs of one model (PatchCore unless --model), ONNX Runtime and OpenVINO.
 
     .venv/bin/python benchmarks/int8.py [--data ../shared/datasets] [--json OUT.json]
         [--threads 2] [--model FITTED.safetensors (loaded if present, else fitted and saved)]
@@ -299,7 +299,8 @@ def main() -> None:
         }
         report = {
             "data": str(root),
-            "memory_bank": len(model.memory_bank_),
+            "model": model.name,
+            "memory_bank": len(model.memory_bank_) if hasattr(model, "memory_bank_") else None,
             "threads": args.threads,
             "load_average": os.getloadavg(),
             "onnxruntime": onnxruntime.__version__,

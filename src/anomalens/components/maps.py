@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -62,25 +62,46 @@ def anomaly_maps(
     bilinear upsampling, then Gaussian smoothing (the post-processing of PatchCore, PaDiM and the
     reconstruction methods).
 
-    Both steps are linear and separable, so outside an ONNX export they run as one small matrix
-    per axis, rows @ map @ columns.T: the same maps to float rounding, ~10x faster than the
-    upsampling and the two convolutions in PatchCore's predict (32 -> 256 px). An exported graph
-    keeps the convolutions, which need no matrix built for its (possibly dynamic) input size."""
+    Both steps are linear and separable, so they run as one small matrix per axis,
+    rows @ map @ columns.T: the same maps to float rounding, ~10x faster than the upsampling and
+    the two convolutions in PatchCore's predict (32 -> 256 px), in torch and in an exported graph
+    of fixed size alike. A graph whose size is symbolic (`resize="keep"`) keeps the convolutions,
+    which need no matrix built for its input size."""
     shape = (size, size) if isinstance(size, int) else tuple(size)
-    if torch.compiler.is_exporting():
-        return gaussian_blur(resize_maps(scores, shape), sigma)[:, 0]
     height, width = scores.shape[-2:]
-    rows = _resize_and_smooth(height, shape[0], sigma)
-    square = (width, shape[1]) == (height, shape[0])
-    columns = rows if square else _resize_and_smooth(width, shape[1], sigma)
-    return rows.to(scores) @ scores[:, 0] @ columns.to(scores).T
+    # Symbolic sizes are not compared (that would tie them to the example's while exporting).
+    if all(isinstance(value, int) for value in (height, width, *shape)):
+        rows = axis_matrix(height, shape[0], sigma)
+        square = (width, shape[1]) == (height, shape[0])
+        columns = rows if square else axis_matrix(width, shape[1], sigma)
+        if rows is not None and columns is not None:
+            return rows.to(scores) @ scores[:, 0] @ columns.to(scores).T
+    return gaussian_blur(resize_maps(scores, shape), sigma)[:, 0]
 
 
-@functools.lru_cache(maxsize=16)
+_AXIS_MATRICES: dict[tuple[int, int, float], torch.Tensor] = {}
+_AXIS_MATRICES_LOCK = threading.Lock()
+AXIS_MATRICES_KEPT = 16
+
+
+def axis_matrix(size: int, new_size: int, sigma: float) -> torch.Tensor | None:
+    """(new_size, size) matrix: `resize_maps` then `gaussian_blur` along one axis, a constant of
+    its arguments kept for the next call (building it costs as much as using it). While a graph
+    is exported, the one built by an eager call before (`anomalens.deploy.export` makes one), so
+    that it enters the graph as a constant, or None where there is none."""
+    key = (int(size), int(new_size), float(sigma))
+    if torch.compiler.is_exporting():
+        return _AXIS_MATRICES.get(key)
+    with _AXIS_MATRICES_LOCK:  # the service scores on several threads
+        if key not in _AXIS_MATRICES:
+            if len(_AXIS_MATRICES) >= AXIS_MATRICES_KEPT:
+                del _AXIS_MATRICES[next(iter(_AXIS_MATRICES))]
+            _AXIS_MATRICES[key] = _resize_and_smooth(*key)
+        return _AXIS_MATRICES[key]
+
+
 @torch.inference_mode(False)  # a plain tensor, usable with autograd whoever first built it
 def _resize_and_smooth(size: int, new_size: int, sigma: float) -> torch.Tensor:
-    """(new_size, size) matrix: `resize_maps` then `gaussian_blur` along one axis (a constant of
-    its arguments, kept for the next call: building it costs as much as using it)."""
     matrix = smoothing_matrix(new_size, sigma)
     return matrix if size == new_size else matrix @ resize_matrix(size, new_size)
 

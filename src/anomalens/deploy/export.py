@@ -111,6 +111,8 @@ def _export_float(detector: Detector, path: Path, opset: int) -> Path:
         # Any height and width that are multiples of KEEP_MULTIPLE, as `keep` resizes to.
         dims[2] = KEEP_MULTIPLE * torch.export.Dim("height_blocks", min=1, max=256)
         dims[3] = KEEP_MULTIPLE * torch.export.Dim("width_blocks", min=1, max=256)
+    with torch.inference_mode():
+        module(example)  # one eager pass builds the constants the graph takes over (`axis_matrix`)
     try:
         # The exporter reports its steps on stdout and warns about internals: keep both quiet.
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
