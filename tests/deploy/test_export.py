@@ -75,6 +75,38 @@ def test_onnx_runtime_matches_torch_on_synthetic_data(patchcore_files, brick: Pa
     np.testing.assert_allclose(maps, torch_maps, atol=1e-3)
 
 
+def test_onnx_model_leaves_the_cores_to_onnx_runtime(patchcore_files, brick, monkeypatch) -> None:
+    """torch resizes on one thread, in the caller's thread and the decoding one (its idle OpenMP
+    workers would spin against ONNX Runtime's), and the caller's setting is put back."""
+    from anomalens.data import preprocessing
+
+    model = anomalens.load(patchcore_files[1])
+    seen: dict[str, list[int]] = {"score": [], "load": []}
+    score_batch, load_batch = model._score_batch, preprocessing._load_batch
+
+    def scoring(pixels):
+        seen["score"].append(torch.get_num_threads())
+        return score_batch(pixels)
+
+    def loading(*args):
+        seen["load"].append(torch.get_num_threads())
+        return load_batch(*args)
+
+    monkeypatch.setattr(model, "_score_batch", scoring)
+    monkeypatch.setattr(preprocessing, "_load_batch", loading)
+    paths = [sample.path for sample in test_samples(brick)]
+    assert len(paths) > model.batch_size  # more than one batch: the decoding thread runs
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model.predict(paths)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert len(seen["score"]) == len(seen["load"]) == 2
+    assert set(seen["score"]) == set(seen["load"]) == {1}
+
+
 def test_metadata_carries_thresholds_and_preprocessing(patchcore_files, monkeypatch, capsys):
     model_file, onnx_file = patchcore_files
     torch_model = anomalens.load(model_file)

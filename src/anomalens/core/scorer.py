@@ -10,6 +10,7 @@ and masks come from the same thresholds. A scorer implements `_score_batch` and 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Self
 
 import numpy as np
@@ -22,6 +23,22 @@ from anomalens.core.thresholds import f1_optimal_threshold, pixel_f1_optimal_thr
 from anomalens.data.io import decode_mask, encode_mask, stretch_mask
 from anomalens.data.preprocessing import Batch, ImageLike, iter_batches
 from anomalens.errors import DataError, NotFittedError
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` in the calling thread (OpenMP keeps the setting
+    per thread) for the block, then put back; None leaves them alone."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
 
 MapSink = Callable[[list[np.ndarray | None]], None]
 """Takes the maps of each batch as they are scored (`Scorer._score_all`)."""
@@ -40,6 +57,12 @@ class Scorer:
     validation_scores_: np.ndarray | None = None
     """The held-out normal images' scores the thresholds were set on (None in model files written
     before they were kept): the reference a service compares its recent scores with (drift)."""
+    torch_threads: int | None = None
+    """Threads torch may use for the resizing around this scorer's compute (None: as set). A
+    scorer whose compute runs on threads of its own (ONNX Runtime's) says 1: after each resize,
+    torch's idle OpenMP workers spin for a while and take the cores from it (int8 PatchCore's
+    `predict` at batch 1: 27% faster with 1, benchmarks/RESULTS.md). Set per calling thread, and
+    for the thread that decodes ahead, for the duration of a call."""
 
     # ---- thresholds ------------------------------------------------------------------------
     def calibrate(
@@ -114,7 +137,7 @@ class Scorer:
     def predict_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """Scores (B,) and maps (B, S, S) for an already resized (B, 3, S, S) tensor in [0, 1]."""
         self._check_fitted()
-        with torch.inference_mode():
+        with torch.inference_mode(), torch_threads(self.torch_threads):
             scores, maps = self._score_batch(pixels)
         self._apply_roi(scores, maps, [(0, 0, *pixels.shape[-2:])] * len(scores))
         return scores, maps
@@ -140,7 +163,7 @@ class Scorer:
         none are kept (the returned list is empty)."""
         scores: list[np.ndarray] = []
         maps: list[np.ndarray | None] = []
-        with torch.inference_mode():
+        with torch.inference_mode(), torch_threads(self.torch_threads):
             for batch in self._batches(images, description):
                 batch_scores, batch_maps = self._score_prepared(batch)
                 scores.append(batch_scores)
@@ -161,9 +184,9 @@ class Scorer:
         region of interest applied, each map at the model's input size cut to its image's box
         (None for image-level models): what `fit` sets the thresholds from."""
         self._check_fitted()
-        with torch.inference_mode():
+        with torch.inference_mode(), torch_threads(self.torch_threads):
             scores, maps = self._score_prepared(batch)
-        return scores, self._resize_maps(batch, maps, full_size=False)
+            return scores, self._resize_maps(batch, maps, full_size=False)
 
     def _score_prepared(self, batch: Batch) -> tuple[np.ndarray, np.ndarray | None]:
         scores, maps = self._score_batch(batch.pixels)
@@ -172,7 +195,9 @@ class Scorer:
 
     def _batches(self, images: Sequence[ImageLike], progress: str | None = None) -> Iterator[Batch]:
         """The images as model inputs, resized the way this model was fitted (`resize`)."""
-        return iter_batches(images, self.image_size, self.batch_size, progress, self.input_mode)
+        return iter_batches(
+            images, self.image_size, self.batch_size, progress, self.input_mode, self.torch_threads
+        )
 
     @property
     def input_mode(self) -> str:

@@ -129,11 +129,13 @@ def iter_batches(
     batch_size: int,
     progress: str | None = None,
     mode: str = "squash",
+    threads: int | None = None,
 ) -> Iterator[Batch]:
     """Load and resize images lazily, `batch_size` at a time, so memory stays flat; with a
     `progress` label, a progress bar counts the images done. A thread decodes and resizes the next
-    batch while the caller works on this one. With `keep`, a batch holds consecutive images of the
-    same resized shape (a folder of one camera's images batches fully; mixed shapes are scored in
+    batch while the caller works on this one (with torch's intra-op `threads`; None: the
+    default). With `keep`, a batch holds consecutive images of the same resized shape (a folder
+    of one camera's images batches fully; mixed shapes are scored in
     smaller batches), in the input order."""
     chunks = [images[start : start + batch_size] for start in range(0, len(images), batch_size)]
     if not chunks:
@@ -142,13 +144,13 @@ def iter_batches(
         task = bar.add_task(
             progress or "", total=len(images), info="", unit="img", visible=bool(progress)
         )
-        for batches, count in _loaded(chunks, size, mode):
+        for batches, count in _loaded(chunks, size, mode, threads):
             yield from batches
             bar.advance(task, count)
 
 
 def _loaded(
-    chunks: list[Sequence[ImageLike]], size: int, mode: str
+    chunks: list[Sequence[ImageLike]], size: int, mode: str, threads: int | None = None
 ) -> Iterator[tuple[list[Batch], int]]:
     """`_load_batch` of each chunk, the next one in a thread while the caller works on this one.
     A single chunk is loaded inline: there is nothing to overlap, and a fresh thread's first torch
@@ -156,7 +158,10 @@ def _loaded(
     if len(chunks) == 1:
         yield _load_batch(chunks[0], size, mode)
         return
-    with ThreadPoolExecutor(1, thread_name_prefix="anomalens-decode") as decoder:
+    setup: dict[str, Any] = {}
+    if threads is not None:
+        setup = {"initializer": torch.set_num_threads, "initargs": (threads,)}
+    with ThreadPoolExecutor(1, thread_name_prefix="anomalens-decode", **setup) as decoder:
         pending = decoder.submit(_load_batch, chunks[0], size, mode)
         for following in [*chunks[1:], None]:
             loaded = pending.result()

@@ -23,6 +23,9 @@ class OnnxModel(Scorer):
     """An exported model run by ONNX Runtime on the CPU; `threads` = ORT's intra-op threads
     (None: ORT's default, one per physical core)."""
 
+    torch_threads = 1
+    """ONNX Runtime computes on its own threads; torch only resizes (`Scorer.torch_threads`)."""
+
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
         import onnxruntime  # heavy, and only needed for ONNX models: imported on first use
 
