@@ -29,9 +29,10 @@ __all__ = [
 ]
 
 
-def load(path: str | Path) -> Detector | OnnxModel:
+def load(path: str | Path, threads: int | None = None) -> Detector | OnnxModel:
     """Load a model file written by `save` (`.safetensors`), or an ONNX export (`.onnx`: an
-    `OnnxModel`); raises `ModelFileError` for a bad file."""
+    `OnnxModel` computing on `threads` ONNX Runtime threads; None: one per core); raises
+    `ModelFileError` for a bad file."""
     if Path(path).suffix.lower() == ".onnx":
-        return OnnxModel(path)
+        return OnnxModel(path, threads)
     return load_model(path)

@@ -62,7 +62,11 @@ RayAddress = Annotated[
     ),
 ]
 ComputeThreads = Annotated[
-    int | None, typer.Option(help="Compute threads (default: torch's choice).")
+    int | None,
+    typer.Option(
+        help="Compute threads: torch's, or ONNX Runtime's for an .onnx model (default: one per "
+        "core)."
+    ),
 ]
 
 ENGINES = ("local", "ray")
@@ -376,7 +380,7 @@ def predict(
         run = partial(inspect_images_ray, model_file, address=address, actors=actors)
     else:
         _set_threads(threads)
-        run = partial(inspect_images, anomalens.load(model_file))
+        run = partial(inspect_images, anomalens.load(model_file, threads))
     collected = collect_inputs(inputs, recursive=recursive)
     try:
         summary = run(
@@ -473,7 +477,7 @@ def evaluate(
     if out is not None:
         check_writable_folder(out, "--out folder")
     _set_threads(threads)
-    detector = anomalens.load(model_file)
+    detector = anomalens.load(model_file, threads)
     evaluation = evaluate_model(detector, data)
     console.print(_metrics_table(f"{detector.name} on {data}", [(data.name, evaluation.metrics)]))
     if json_file is not None:

@@ -107,6 +107,25 @@ def test_onnx_model_leaves_the_cores_to_onnx_runtime(patchcore_files, brick, mon
     assert set(seen["score"]) == set(seen["load"]) == {1}
 
 
+def test_threads_reach_onnx_runtime(patchcore_files, brick, tmp_path, monkeypatch, capsys):
+    model = anomalens.load(patchcore_files[1], threads=1)
+    assert model.session_.get_session_options().intra_op_num_threads == 1
+    made: list[int | None] = []
+    onnx_model = anomalens.OnnxModel
+
+    def spy(path, threads=None):
+        made.append(threads)
+        return onnx_model(path, threads)
+
+    monkeypatch.setattr(anomalens, "OnnxModel", spy)
+    code, _, err = run_cli(
+        monkeypatch, capsys, "predict", patchcore_files[1], brick / "test" / "good",
+        "--out", tmp_path / "out", "--threads", "1",
+    )  # fmt: skip
+    assert code == 0, err
+    assert made == [1]
+
+
 def test_metadata_carries_thresholds_and_preprocessing(patchcore_files, monkeypatch, capsys):
     model_file, onnx_file = patchcore_files
     torch_model = anomalens.load(model_file)
