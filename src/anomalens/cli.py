@@ -618,6 +618,9 @@ def export(
             f"images and their synthetic defects: Spearman {agreement['spearman']:.3f}, "
             f"{agreement['verdicts']:.1%} identical verdicts"
         )
+        if record.get("absorbed_feature_error"):
+            error = record["absorbed_feature_error"]["relative_error"]
+            checked += f", the features' rounding ({error:.1%}) absorbed into its statistics"
     console.print(
         f"exported {detector.name} to {path} ({path.stat().st_size / 1e6:.1f} MB), {checked}; "
         f"use it with `anomalens predict {path} ...` or anomalens.OnnxModel"

@@ -123,15 +123,24 @@ def test_int8_needs_calibration_images(patchcore_files, tmp_path: Path, monkeypa
         int8.calibration_images(few)
 
 
-def test_padim_int8_graph_absorbs_its_rounding(brick: Path, tmp_path: Path, monkeypatch) -> None:
+def test_padim_int8_graph_absorbs_its_rounding(
+    brick: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
     """PaDiM's int8 graph has its Gaussians widened by the rounding error measured on the normal
     images, so its normal maps keep the float model's level; without it they rise."""
     from anomalens.deploy.export import export_onnx
 
     images = training_images(brick)
     padim = anomalens.create("padim", image_size=128).fit(images)
-    float_path = export_onnx(padim, tmp_path / "padim.onnx")
-    record = int8.export_int8(padim, float_path, tmp_path / "absorbed.onnx", images)
+    model_file = padim.save(tmp_path / "padim.safetensors")
+    code, out, err = run_cli(
+        monkeypatch, capsys, "export", model_file, "-o", tmp_path / "absorbed.onnx",
+        "--int8", "--calibration", brick,
+    )  # fmt: skip
+    assert code == 0, err
+    printed = " ".join(out.split())  # however the console wrapped it
+    assert "the features' rounding (" in printed and "absorbed into its statistics" in printed
+    record = anomalens.load(tmp_path / "absorbed.onnx").config["int8"]
     error = record["absorbed_feature_error"]
     assert error["images"] == len(images) and 0.0 < error["relative_error"] < 0.3
     graph = onnx.load(str(tmp_path / "absorbed.onnx"))
@@ -139,6 +148,7 @@ def test_padim_int8_graph_absorbs_its_rounding(brick: Path, tmp_path: Path, monk
     assert not any(np.array_equal(value, padim.mean_.numpy()) for value in constants)
 
     monkeypatch.setattr(type(padim), "feature_mean", None)
+    float_path = export_onnx(padim, tmp_path / "padim.onnx")
     plain = int8.export_int8(padim, float_path, tmp_path / "plain.onnx", images)
     assert plain["absorbed_feature_error"] is None
 
