@@ -61,8 +61,9 @@ class Scorer:
     """Threads torch may use for the resizing around this scorer's compute (None: as set). A
     scorer whose compute runs on threads of its own (ONNX Runtime's) says 1: after each resize,
     torch's idle OpenMP workers spin for a while and take the cores from it (int8 PatchCore's
-    `predict` at batch 1: 27% faster with 1, benchmarks/RESULTS.md). Set per calling thread, and
-    for the thread that decodes ahead, for the duration of a call."""
+    `predict` of one 256 px image: 12% faster with 1; no change for batches of 512 px images,
+    benchmarks/RESULTS.md). Set per calling thread, and for the thread that decodes ahead, for
+    the duration of a call."""
 
     # ---- thresholds ------------------------------------------------------------------------
     def calibrate(
