@@ -3,6 +3,12 @@ upsampling and convolutions (which a graph of symbolic size runs), and in an exp
 
 from __future__ import annotations
 
+import contextlib
+import io
+import warnings
+
+import onnx
+import onnxruntime
 import pytest
 import torch
 
@@ -34,19 +40,13 @@ class _Maps(torch.nn.Module):
         return anomaly_maps(scores, self.size, 4.0)
 
 
-def _export(module: torch.nn.Module, scores: torch.Tensor):
-    import contextlib
-    import io
-    import warnings
-
+def _export(module: torch.nn.Module, scores: torch.Tensor) -> onnx.ModelProto:
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.onnx.export(module, (scores,), dynamo=True).model_proto
 
 
 def test_an_exported_graph_takes_the_matrices_an_eager_call_built() -> None:
-    import onnxruntime
-
     scores = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     built = _Maps((64, 64))
     expected = built(scores)  # eager: builds the matrix, which the graph then holds
