@@ -131,9 +131,7 @@ def test_cli_fit_auto(brick: Path, tmp_path: Path, monkeypatch) -> None:
     for path in training_images(brick)[:6]:
         shutil.copy(path, folder)
     small = candidate("patchcore", image_size=64, coreset_ratio=1.0)
-    monkeypatch.setattr(
-        selection, "default_candidates", lambda non_square, intensity: [small, BLIND]
-    )
+    monkeypatch.setattr(selection, "default_candidates", lambda non_square: [small, BLIND])
     runner = CliRunner()
     model = tmp_path / "auto.safetensors"
     result = runner.invoke(app, ["fit", str(folder), "-o", str(model), "--auto"])
@@ -148,7 +146,7 @@ def test_cli_fit_auto(brick: Path, tmp_path: Path, monkeypatch) -> None:
 
 
 def test_cli_fit_auto_skips_unreadable_images(with_unreadable, tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(selection, "default_candidates", lambda non_square, intensity: [BLIND])
+    monkeypatch.setattr(selection, "default_candidates", lambda non_square: [BLIND])
     model = tmp_path / "auto.safetensors"
     args = ["fit", str(with_unreadable), "-o", str(model), "--auto"]
     result = CliRunner().invoke(app, args)

@@ -65,8 +65,6 @@ def test_gaussian_update_gives_the_gaussian_of_all_the_images(split) -> None:
     images = split[0][:8]
     once = anomalens.create("gaussian", image_size=64)
     updated = anomalens.create("gaussian", image_size=64)
-    for model in (once, updated):
-        model.resolve_intensity(images)  # what `fit` does before its `_fit`
     once._fit(images)
     updated._fit(images[:4])
     updated._update(images[4:])

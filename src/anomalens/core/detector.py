@@ -32,7 +32,7 @@ from anomalens.core.model_file import model_config, write_model_file
 from anomalens.core.scorer import Scorer
 from anomalens.core.thresholds import TailQuantile, threshold_at_fpr
 from anomalens.data.io import load_image, region_of_interest, stretch_mask, to_rgb_array
-from anomalens.data.preprocessing import ImageLike, resolve_intensity
+from anomalens.data.preprocessing import ImageLike
 from anomalens.errors import DataError, ExportError, ImageReadError, ParameterError
 from anomalens.state_dict import FittedState, Part, stored_part
 
@@ -147,7 +147,6 @@ class Detector(Scorer):
         if roi is not None and not self.produces_maps:
             raise ParameterError(f"{self.name} gives no anomaly map, so it cannot take an roi")
         self.roi_ = None if roi is None else region_of_interest(roi)
-        self.resolve_intensity(images)
         self._seed_everything()
         held_out = self._held_out(len(images))
         scores, pixels = self._fit_and_score_held_out(images, held_out)
@@ -227,12 +226,6 @@ class Detector(Scorer):
             }
         )
         return self
-
-    def resolve_intensity(self, images: Sequence[ImageLike]) -> None:
-        """For a detector with an `intensity` parameter, `intensity_`: what it resolves to on
-        the training `images` (`anomalens.data.preprocessing.resolve_intensity`)."""
-        if "intensity" in self.param_names():
-            self.intensity_ = resolve_intensity(self.intensity, images)
 
     def _held_out(self, count: int) -> list[int]:
         """The seeded `validation_fraction` (at least one) of `count` images held out."""
@@ -373,8 +366,6 @@ class Detector(Scorer):
     def _restore_fields(self, fitted: dict[str, Any]) -> None:
         for field in self.fitted_fields:
             setattr(self, field, fitted.get(field[:-1], getattr(self, field[:-1], None)))
-        if getattr(self, "intensity_", None) == "auto":  # a file from before `intensity` existed
-            self.intensity_ = "raw"
 
     def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
         """Set the `fitted_tensors` from a model file's `tensors`: the networks that

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from anomalens.data.io import to_rgb_array
-from anomalens.errors import ParameterError, check_choice
+from anomalens.errors import ParameterError
 from anomalens.progress import make_progress
 
 ImageLike = str | PathLike | np.ndarray | Any
@@ -36,19 +36,6 @@ INTENSITY_MODES = ("raw", "standardize")
 `standardize` (each image shifted and scaled to the same mean and spread of intensity, so that
 exposure and illumination that vary from image to image are not learnt as normal variety, nor
 flagged; `normalize_intensity`)."""
-
-INTENSITY_CHOICES = ("auto", *INTENSITY_MODES)
-"""A detector's `intensity` parameter: one of `INTENSITY_MODES`, or `auto` (the default), which
-`resolve_intensity` turns into one of them from the training images."""
-
-EXPOSURE_VARIATION = 0.1
-"""`auto` standardises when the training images' mean intensity varies by more than this
-coefficient of variation (10%, about a seventh of a photographic stop): under controlled
-inspection lighting exposure holds to a few percent, and beyond that the raw features would spend
-the model on exposure instead of on the parts (`exposure_variation`)."""
-
-EXPOSURE_SAMPLE = 100
-"""At most this many training images, evenly spaced, measure `exposure_variation`."""
 
 STANDARD_MEAN = 0.5
 STANDARD_SPREAD = 40 / 255
@@ -88,28 +75,6 @@ def normalize_intensity(images: torch.Tensor, mode: str, letterboxed: bool = Fal
     scale = STANDARD_SPREAD / (spread + 1e-3)
     standard = ((images - mean) * scale + STANDARD_MEAN).clamp(0.0, 1.0)
     return torch.where(inside > 0, standard, images) if letterboxed else standard
-
-
-def exposure_variation(images: Sequence[ImageLike]) -> float:
-    """The coefficient of variation (standard deviation over mean) of the images' mean intensity,
-    over at most `EXPOSURE_SAMPLE` of them, evenly spaced; 0 for fewer than two."""
-    if len(images) < 2:
-        return 0.0
-    picks = np.unique(np.linspace(0, len(images) - 1, min(len(images), EXPOSURE_SAMPLE)).round())
-    means = np.array([to_rgb_array(images[int(i)])[::4, ::4].mean() for i in picks])
-    return float(means.std() / max(means.mean(), 1e-6))
-
-
-def resolve_intensity(mode: str, images: Sequence[ImageLike]) -> str:
-    """`mode` itself, or for `auto` `standardize` when the training `images`' exposure varies
-    by more than `EXPOSURE_VARIATION` and `raw` otherwise: a model of images taken under steady
-    light keeps seeing a whole image that is too dark or too bright as anomalous, and one of
-    images whose exposure wanders does not learn (or flag) the wandering. A `ParameterError`
-    names the choices for any other value."""
-    check_choice("intensity", mode, INTENSITY_CHOICES)
-    if mode != "auto":
-        return mode
-    return "standardize" if exposure_variation(images) > EXPOSURE_VARIATION else "raw"
 
 
 def check_resize(mode: str, supported: Sequence[str] = RESIZE_MODES) -> str:

@@ -29,7 +29,7 @@ import torch
 from anomalens.core.detector import readable_images, skipped_note
 from anomalens.core.registry import create, model_class
 from anomalens.data.augment import SYNTHETIC_KINDS, synthetic_anomalies
-from anomalens.data.preprocessing import ImageLike, resolve_intensity
+from anomalens.data.preprocessing import ImageLike
 from anomalens.errors import AnomalensError, DataError
 from anomalens.evaluation.metrics import image_auroc, pixel_auroc
 from anomalens.features.backbones import OFFLINE_WEIGHTS, layers_with_strides
@@ -68,7 +68,7 @@ class Candidate:
             parts.append("+".join(self.params["layers"]))
         if self.params.get("resize"):
             parts.append(str(self.params["resize"]))
-        if self.params.get("intensity", "auto") != "auto":
+        if self.params.get("intensity", "raw") != "raw":
             parts.append(str(self.params["intensity"]))
         return " ".join(parts)
 
@@ -82,14 +82,13 @@ def candidate(model: str, cost_factor: float = 1.0, **params: Any) -> Candidate:
     return Candidate(model, params, round(_OVERHEAD + cost, 3))
 
 
-def default_candidates(non_square: bool = False, intensity: str = "raw") -> list[Candidate]:
+def default_candidates(non_square: bool = False) -> list[Candidate]:
     """The default grid: PatchCore and PaDiM on the offline backbones, input sizes 224/256/320,
     PatchCore also on the finer stride 4+8 layers and on any other installed offline backbone
-    (MobileNetV2), PaDiM also on the handcrafted features, all with `intensity="auto"`, which
-    resolves to `intensity` on these images, and PatchCore and PaDiM (lite0, 256) also with the
-    other intensity mode; with `non_square` images also PatchCore keeping the aspect ratio and
-    PaDiM letterboxed (when the detectors have the `resize` parameter)."""
-    other = "raw" if intensity == "standardize" else "standardize"
+    (MobileNetV2), PaDiM also on the handcrafted features, both also with each image's intensity
+    standardised (`intensity="standardize"`); with `non_square` images also PatchCore
+    keeping the aspect ratio and PaDiM letterboxed (when the detectors have the `resize`
+    parameter)."""
     lite0, lite2 = "tf_efficientnet_lite0", "tf_efficientnet_lite2"
     grid = [
         candidate("patchcore", backbone=lite0, image_size=224),
@@ -106,8 +105,8 @@ def default_candidates(non_square: bool = False, intensity: str = "raw") -> list
         candidate("patchcore", backbone=lite2, image_size=256),
         candidate("padim", backbone=lite2, image_size=256),
         candidate("padim", backbone="handcrafted", image_size=256),
-        candidate("patchcore", backbone=lite0, image_size=256, intensity=other),
-        candidate("padim", backbone=lite0, image_size=256, intensity=other),
+        candidate("patchcore", backbone=lite0, image_size=256, intensity="standardize"),
+        candidate("padim", backbone=lite0, image_size=256, intensity="standardize"),
     ]
     grid += [
         candidate("patchcore", backbone=name, image_size=256)
@@ -147,9 +146,7 @@ def auto_fit(
             f"auto_fit needs at least 4 normal images, got {len(arrays)}{skipped_note(skipped)}"
         )
     if candidates is None:
-        candidates = default_candidates(
-            any(a.shape[0] != a.shape[1] for a in arrays), resolve_intensity("auto", arrays)
-        )
+        candidates = default_candidates(any(a.shape[0] != a.shape[1] for a in arrays))
     if not candidates:
         raise DataError("auto_fit got no candidates")
     order = np.random.default_rng(seed).permutation(len(arrays))

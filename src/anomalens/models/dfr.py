@@ -68,7 +68,7 @@ class DFR(TrainedDetector):
     """Deep feature reconstruction: a 1x1 autoencoder over frozen multi-scale CNN features."""
 
     name = "dfr"
-    fitted_fields = ("training_", "layers_", "latent_channels_", "intensity_")
+    fitted_fields = ("training_", "layers_", "latent_channels_")
     fitted_tensors = ("backbone_", "network_", "feature_mean_", "feature_std_")
 
     def __init__(
@@ -87,7 +87,7 @@ class DFR(TrainedDetector):
         learning_rate: float = 1e-3,
         *,
         resize: str = "squash",
-        intensity: str = "auto",
+        intensity: str = "raw",
         image_size: int = 256,
         target_fpr: float = 0.01,
         pixel_target_fpr: float = 0.001,
@@ -101,7 +101,7 @@ class DFR(TrainedDetector):
     def _build_backbone(self, weights: str | Path, layers: list[str] | None) -> None:
         layers = tuple(layers) if layers else None
         letterboxed = self.resize == "letterbox"
-        self.backbone_ = Backbone(self.backbone, layers, weights, self.intensity_, letterboxed)
+        self.backbone_ = Backbone(self.backbone, layers, weights, self.intensity, letterboxed)
         self.layers_ = list(self.backbone_.layers)
 
     @torch.inference_mode()

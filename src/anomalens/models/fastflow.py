@@ -46,7 +46,7 @@ class FastFlow(FlowDetector):
         patience: int = 10,
         smoothing_sigma: float = 4.0,
         *,
-        intensity: str = "auto",
+        intensity: str = "raw",
         image_size: int = 256,
         target_fpr: float = 0.01,
         pixel_target_fpr: float = 0.001,

@@ -31,7 +31,7 @@ class FlowDetector(TrainedDetector):
     `learning_rate`, `max_epochs`, `time_budget_s`, `patience`, `smoothing_sigma`, `intensity` and
     the common ones."""
 
-    fitted_fields = ("training_", "layers_", "intensity_")
+    fitted_fields = ("training_", "layers_")
     fitted_tensors = ("backbone_", "flows_", "mean_", "std_")
     """`mean_` and `std_`: the standardisation of each level."""
 
@@ -50,7 +50,7 @@ class FlowDetector(TrainedDetector):
                 f"flow_steps must be >= 1 and clamp > 0, got {self.flow_steps} and {self.clamp}"
             )
         self.backbone_ = Backbone(
-            self.backbone, tuple(layers) if layers else None, weights, self.intensity_
+            self.backbone, tuple(layers) if layers else None, weights, self.intensity
         )
         self.layers_ = list(self.backbone_.layers)
         generator = torch.Generator().manual_seed(self.seed)

@@ -32,7 +32,7 @@ class Gaussian(Detector):
     """Mahalanobis distance of pooled multi-level features to a Ledoit-Wolf Gaussian."""
 
     name = "gaussian"
-    fitted_fields = ("layers_", "intensity_")
+    fitted_fields = ("layers_",)
     fitted_tensors = (
         "backbone_",
         "mean_",
@@ -54,7 +54,7 @@ class Gaussian(Detector):
         layers: tuple[str, ...] | list[str] | None = None,
         weights: str = "auto",
         *,
-        intensity: str = "auto",
+        intensity: str = "raw",
         image_size: int = 256,
         target_fpr: float = 0.01,
         pixel_target_fpr: float = 0.001,
@@ -66,7 +66,7 @@ class Gaussian(Detector):
 
     def _fit(self, images: list[ImageLike]) -> None:
         layers = self.layers or [module for module, _, _ in feature_levels(self.backbone)]
-        self.backbone_ = create_backbone(self.backbone, layers, self.weights, self.intensity_)
+        self.backbone_ = create_backbone(self.backbone, layers, self.weights, self.intensity)
         self.layers_ = list(self.backbone_.layers)
         self.count_ = None
         self._update(images)
@@ -106,7 +106,7 @@ class Gaussian(Detector):
         return summed_mahalanobis(vectors, channels, self.mean_, self.precision_), None
 
     def _build_state(self) -> None:
-        self.backbone_ = create_backbone(self.backbone, self.layers_, "random", self.intensity_)
+        self.backbone_ = create_backbone(self.backbone, self.layers_, "random", self.intensity)
 
 
 def summed_mahalanobis(

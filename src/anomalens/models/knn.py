@@ -30,7 +30,7 @@ class KNN(Detector):
     """Mean distance to the k nearest normal images in pooled pretrained-feature space."""
 
     name = "knn"
-    fitted_fields = ("layers_", "intensity_")
+    fitted_fields = ("layers_",)
     fitted_tensors = ("backbone_", "features_")
     """`features_`: the training images' pooled feature vectors."""
     produces_maps = False
@@ -42,7 +42,7 @@ class KNN(Detector):
         weights: str = "auto",
         k: int = 2,
         *,
-        intensity: str = "auto",
+        intensity: str = "raw",
         image_size: int = 256,
         target_fpr: float = 0.01,
         pixel_target_fpr: float = 0.001,
@@ -56,7 +56,7 @@ class KNN(Detector):
         if self.k < 1:
             raise ParameterError(f"k must be at least 1, got {self.k}")
         layers = self.layers or [feature_levels(self.backbone)[-1][0]]
-        self.backbone_ = create_backbone(self.backbone, layers, self.weights, self.intensity_)
+        self.backbone_ = create_backbone(self.backbone, layers, self.weights, self.intensity)
         self.layers_ = list(self.backbone_.layers)
         self._set_features(self._vectors(images))
 
@@ -82,7 +82,7 @@ class KNN(Detector):
         return distances.mean(dim=1), None
 
     def _build_state(self) -> None:
-        self.backbone_ = create_backbone(self.backbone, self.layers_, "random", self.intensity_)
+        self.backbone_ = create_backbone(self.backbone, self.layers_, "random", self.intensity)
 
     def _restore(self, tensors: dict[str, torch.Tensor]) -> None:
         """The search index is built from the features, not saved."""

@@ -54,7 +54,7 @@ class PaDiM(Detector):
     """PaDiM: a Gaussian per patch position over multi-layer features; Mahalanobis distance map."""
 
     name = "padim"
-    fitted_fields = ("layers_", "intensity_")
+    fitted_fields = ("layers_",)
     fitted_tensors = (
         "backbone_",
         "mean_",
@@ -81,7 +81,7 @@ class PaDiM(Detector):
         smoothing_sigma: float = 4.0,
         *,
         resize: str = "squash",
-        intensity: str = "auto",
+        intensity: str = "raw",
         image_size: int = 256,
         target_fpr: float = 0.01,
         pixel_target_fpr: float = 0.001,
@@ -95,7 +95,7 @@ class PaDiM(Detector):
     def _build_backbone(self) -> None:
         layers = self.layers or layers_with_strides(self.backbone, (4, 8, 16))
         self.backbone_ = create_backbone(
-            self.backbone, layers, self.weights, self.intensity_, self.resize == "letterbox"
+            self.backbone, layers, self.weights, self.intensity, self.resize == "letterbox"
         )
         self.layers_ = list(self.backbone_.layers)
 
@@ -195,7 +195,7 @@ class PaDiM(Detector):
     # ---- persistence -------------------------------------------------------------------------
     def _build_state(self) -> None:
         self.backbone_ = create_backbone(
-            self.backbone, self.layers_, "random", self.intensity_, self.resize == "letterbox"
+            self.backbone, self.layers_, "random", self.intensity, self.resize == "letterbox"
         )
 
     def _restore(self, tensors: dict[str, torch.Tensor]) -> None:

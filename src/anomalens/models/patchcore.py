@@ -128,7 +128,7 @@ class PatchCore(Detector):
     """PatchCore: nearest-neighbour distance of patch features to a coreset memory bank."""
 
     name = "patchcore"
-    fitted_fields = ("layers_", "damp_border_", "n_patches_", "intensity_")
+    fitted_fields = ("layers_", "damp_border_", "n_patches_")
     """`damp_border_`: border patches damped (`aggregate_patches`); models fitted before it
     existed (no such field in their file) keep the undamped features they were fitted with.
     `n_patches_`: patches seen by fit and partial_fit, which the bank is `coreset_ratio` of."""
@@ -154,7 +154,7 @@ class PatchCore(Detector):
         rerank: int = 32,
         *,
         resize: str = "squash",
-        intensity: str = "auto",
+        intensity: str = "raw",
         image_size: int = 256,
         target_fpr: float = 0.01,
         pixel_target_fpr: float = 0.001,
@@ -206,7 +206,7 @@ class PatchCore(Detector):
         self._check_bank_index()
         check_resize(self.resize)
         self.backbone_ = create_backbone(
-            self.backbone, self.layers, self.weights, self.intensity_, self.resize == "letterbox"
+            self.backbone, self.layers, self.weights, self.intensity, self.resize == "letterbox"
         )
         self.layers_ = list(self.backbone_.layers)
         self.damp_border_ = True
@@ -364,7 +364,7 @@ class PatchCore(Detector):
     # ---- persistence -------------------------------------------------------------------------
     def _build_state(self) -> None:
         self.backbone_ = create_backbone(
-            self.backbone, self.layers_, "random", self.intensity_, self.resize == "letterbox"
+            self.backbone, self.layers_, "random", self.intensity, self.resize == "letterbox"
         )
 
     def _restore(self, tensors: dict[str, torch.Tensor]) -> None:

@@ -79,7 +79,6 @@ class Tiled(Detector):
     def _fit(self, images: list[ImageLike]) -> None:
         check_tiling(self.tile_size, self.tile_overlap, self.stitch)
         self.detector_ = self._inner()
-        self.detector_.resolve_intensity(images)
         self.detector_._fit(TiledImages(images, self.tile_size, self.tile_overlap))
 
     def _score_batch(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
