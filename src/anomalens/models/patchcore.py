@@ -57,6 +57,7 @@ from anomalens.components.neighbors import (
     greedy_coreset,
     nearest_by_matmul,
     nearest_by_rerank,
+    nearest_distances,
 )
 from anomalens.core.detector import Detector
 from anomalens.core.registry import register
@@ -338,19 +339,27 @@ class PatchCore(Detector):
         """Scores and maps as one torch function, run by `predict` and exported as the graph.
         With a compressed `bank_index`, predict re-ranks its candidates; the export keeps the
         exact search (ONNX has no FAISS operator), so an exported model is the exact one."""
-        index = None if torch.compiler.is_exporting() else self._compressed_index()
+        exporting = torch.compiler.is_exporting()
+        index = None if exporting else self._compressed_index()
         features = self._patch_features(pixels)
         count, dim, height, width = features.shape
         patches = features.permute(0, 2, 3, 1).reshape(count, height * width, dim)
-        if index is None:  # the exact search: always in an exported graph
-            distances, nearest = nearest_by_matmul(patches, self.memory_bank_, self.squared_norms_)
+        bank, norms = self.memory_bank_, self.squared_norms_
+        nearest = None
+        if exporting:  # the exact search, without an index per patch: only the worst needs one
+            distances = nearest_distances(patches, bank, norms)
+        elif index is None:
+            distances, nearest = nearest_by_matmul(patches, bank, norms)
         else:
-            distances, nearest = nearest_by_rerank(patches, self.memory_bank_, index, self.rerank)
+            distances, nearest = nearest_by_rerank(patches, bank, index, self.rerank)
         scores, best = distances.max(dim=1)
         if self.reweight and self.num_neighbors > 1:
             rows = torch.arange(count)
-            support = self.memory_bank_[self.support_[nearest[rows, best]]]
-            scores = scores * reweighting(patches[rows, best], support)
+            worst = patches[rows, best]
+            closest = (
+                nearest_by_matmul(worst, bank, norms)[1] if nearest is None else nearest[rows, best]
+            )
+            scores = scores * reweighting(worst, bank[self.support_[closest]])
         maps = distances.reshape(count, 1, height, width)
         return scores, anomaly_maps(maps, pixels.shape[-2:], self.smoothing_sigma)
 
