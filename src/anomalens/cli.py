@@ -595,6 +595,14 @@ def export(
             "folder (an MVTec category uses train/good).",
         ),
     ] = None,
+    float_search: Annotated[
+        bool,
+        typer.Option(
+            "--float-search",
+            help="With --int8: keep PatchCore's memory-bank search float (by default it is an "
+            "int8 product too, about 2x faster).",
+        ),
+    ] = False,
 ) -> None:
     """Export a model as one ONNX graph (pixels -> score, anomaly map) for ONNX Runtime."""
     if fmt not in FORMATS:
@@ -603,19 +611,24 @@ def export(
         raise AnomalensError(
             "--int8 needs --calibration FOLDER: normal images, e.g. the model's training folder"
         )
-    if calibration is not None and not int8:
-        raise AnomalensError("--calibration is only used with --int8")
+    if (calibration is not None or float_search) and not int8:
+        option = "--calibration" if calibration is not None else "--float-search"
+        raise AnomalensError(f"{option} is only used with --int8")
     check_writable_file(output, "export file")
     images = None if calibration is None else training_images(calibration)
     detector = anomalens.load(model_file)
-    path = export_onnx(detector, output, int8=int8, calibration=images)
+    path = export_onnx(
+        detector, output, int8=int8, calibration=images, int8_search=not float_search
+    )
     checked = "checked against torch"
     if int8:
         record = read_config(path)["int8"]
         agreement = record["agreement"]
+        search = " and memory-bank search" if record.get("search", "float") != "float" else ""
         checked = (
-            f"int8, checked against the float model on {record['check_images']} held-out "
-            f"images and their synthetic defects: Spearman {agreement['spearman']:.3f}, "
+            f"features{search} int8, checked against the float model on "
+            f"{record['check_images']} held-out images and their synthetic defects: "
+            f"Spearman {agreement['spearman']:.3f}, "
             f"{agreement['verdicts']:.1%} identical verdicts"
         )
         if record.get("absorbed_feature_error"):

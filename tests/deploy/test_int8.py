@@ -35,17 +35,90 @@ def int8_file(patchcore_files, brick: Path) -> Path:
     return path
 
 
-def test_int8_graph_quantises_the_features_only(int8_file: Path) -> None:
+def test_int8_graph_quantises_the_features_and_the_bank_search(int8_file: Path) -> None:
     graph = onnx.load(str(int8_file))
     ops = {node.op_type for node in graph.graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear", "ArgMin"} <= ops
-    assert ops & {"MatMul", "Gemm"}  # the search's product (addmm exports as Gemm)
-    made_by = {output: node.op_type for node in graph.graph.node for output in node.output}
+    assert {"QuantizeLinear", "DequantizeLinear", "MatMulIntegerToFloat", "ReduceMin"} <= ops
+    made_by = {output: node for node in graph.graph.node for output in node.output}
+    # the search over every patch is int8; the float product left is the worst patch's (ArgMin)
     for node in graph.graph.node:
-        if node.op_type in ("MatMul", "Gemm", "ArgMin", "ReduceL2"):  # the search stays float
-            assert all(made_by.get(name) != "DequantizeLinear" for name in node.input), node.name
+        if node.op_type == "ReduceMin" and node.input[0].startswith("int8_search"):
+            assert made_by[node.input[0]].op_type == "Add"
+        if node.op_type in ("MatMul", "Gemm", "ArgMin", "ReduceL2"):
+            assert all(
+                made_by[name].op_type != "DequantizeLinear"
+                for name in node.input
+                if name in made_by
+            ), node.name
+    searched = [node for node in graph.graph.node if node.op_type == "MatMulIntegerToFloat"]
+    assert len(searched) == 1 and searched[0].name.startswith("int8_search_0")
     stem = next(node for node in graph.graph.node if node.op_type == "Conv")
-    assert made_by.get(stem.input[0]) != "DequantizeLinear", "the stem reads stride 1: float"
+    assert made_by.get(stem.input[0]) is None or made_by[stem.input[0]].op_type != (
+        "DequantizeLinear"
+    ), "the stem reads stride 1: float"
+    assert anomalens.load(int8_file).config["int8"]["search"] == "int8, a scale per patch"
+
+
+def search_graph(bank: np.ndarray, alpha: float = -2.0) -> onnx.ModelProto:
+    """A float graph as PatchCore exports its search: min over the bank of |v|^2 - 2 q.v."""
+    make = onnx.helper.make_node
+    nodes = [
+        make("Transpose", ["bank"], ["bank_t"], perm=[1, 0]),
+        make("Gemm", ["queries", "bank_t", "norms"], ["product"], alpha=alpha),
+        make("ReduceMin", ["product", "axis"], ["closest"], keepdims=0),
+    ]
+    constants = {
+        "bank": bank,
+        "norms": (bank * bank).sum(axis=1),
+        "axis": np.array([1], dtype=np.int64),
+    }
+    floats = onnx.TensorProto.FLOAT
+    graph = onnx.helper.make_graph(
+        nodes,
+        "search",
+        [onnx.helper.make_tensor_value_info("queries", floats, ["n", bank.shape[1]])],
+        [onnx.helper.make_tensor_value_info("closest", floats, ["n"])],
+        [onnx.numpy_helper.from_array(v, k) for k, v in constants.items()],
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+
+
+def test_int8_search_is_close_to_the_exact_one_and_each_patch_its_own() -> None:
+    import onnxruntime
+
+    generator = np.random.default_rng(0)
+    bank = generator.normal(2.0, 3.0, (300, 48)).astype(np.float32)
+    queries = np.concatenate(
+        [
+            bank[:40] + generator.normal(0, 0.5, (40, 48)),  # near a bank patch
+            generator.normal(2.0, 3.0, (40, 48)),  # typical
+            generator.normal(2.0, 30.0, (8, 48)),  # far out, beyond any calibration range
+        ]
+    ).astype(np.float32)
+    exact = np.sqrt(((queries[:, None, :] - bank[None]) ** 2).sum(-1).min(axis=1))
+
+    graph = search_graph(bank)
+    assert int8.quantise_search(graph) == 1
+    assert {node.op_type for node in graph.graph.node} >= {"MatMulIntegerToFloat", "QuantizeLinear"}
+    assert "Gemm" not in {node.op_type for node in graph.graph.node}
+    onnx.checker.check_model(graph)
+    session = onnxruntime.InferenceSession(graph.SerializeToString())
+
+    def distances(rows: np.ndarray) -> np.ndarray:
+        closest = session.run(None, {"queries": rows})[0]
+        return np.sqrt(np.maximum(closest + (rows * rows).sum(axis=1), 0.0))
+
+    approximate = distances(queries)
+    # rounding costs a near patch ~0.5 of its 3.5 at most (a typical distance is 20), others <1%
+    assert np.abs(approximate - exact).max() < 0.05 * np.median(exact[40:80])
+    assert np.abs(approximate / exact - 1.0)[40:].max() < 0.01
+    # a patch's rounding is its own: the same distance alone as in any batch
+    alone = np.concatenate([distances(queries[i : i + 1]) for i in range(len(queries))])
+    assert np.array_equal(alone, approximate)
+
+    other = search_graph(bank, alpha=1.0)  # not a search: left as it is
+    assert int8.quantise_search(other) == 0
+    assert [node.op_type for node in other.graph.node] == ["Transpose", "Gemm", "ReduceMin"]
 
 
 def test_int8_scores_agree_and_thresholds_are_its_own(

@@ -74,10 +74,12 @@ def export_onnx(
     *,
     int8: bool = False,
     calibration: Sequence[ImageLike] | None = None,
+    int8_search: bool = True,
 ) -> Path:
     """Write a fitted detector as one ONNX file (weights inside) and check it against torch; with
-    `int8`, quantise it with the normal `calibration` images (e.g. its training images) and check
-    it against the float model (`anomalens.deploy.int8.export_int8`)."""
+    `int8`, quantise it with the normal `calibration` images (e.g. its training images), its
+    memory-bank search too unless `int8_search` is False, and check it against the float model
+    (`anomalens.deploy.int8.export_int8`)."""
     if isinstance(detector, OnnxModel):
         raise ExportError(
             f"{detector.path} is already an ONNX export; export the .safetensors model"
@@ -85,13 +87,15 @@ def export_onnx(
     detector._check_fitted()
     path = Path(path)
     if not int8:
-        if calibration is not None:
-            raise ExportError("calibration images are only used by an int8 export (int8=True)")
+        if calibration is not None or not int8_search:
+            raise ExportError(
+                "calibration images and int8_search are only used by an int8 export (int8=True)"
+            )
         return _export_float(detector, path, opset)
     images = calibration_images(calibration)
     with tempfile.TemporaryDirectory() as scratch:
         float_path = _export_float(detector, Path(scratch) / "float.onnx", opset)
-        export_int8(detector, float_path, path, images)
+        export_int8(detector, float_path, path, images, int8_search=int8_search)
     return path
 
 

@@ -7,8 +7,15 @@ int8: the nodes of the detector's networks (`ScoreGraph`'s submodules, found thr
 exporter's name scopes), except those that read a map of stride below `FLOAT_BELOW_STRIDE` (the
 stem and first stage of a CNN, where rounding is amplified most: quantising them too raised the
 EfficientNet-Lite0 features' relative error on MVTec bottle from 6-7% to 14-19% and cost PatchCore
-0.008 AUPRO; benchmarks/RESULTS.md). The nearest-neighbour search, distances, reductions and the
-smoothing of the maps stay float.
+0.008 AUPRO; benchmarks/RESULTS.md). Distances, reductions and the smoothing of the maps stay
+float.
+
+The memory-bank search (PatchCore's |v|^2 - 2 q.v over every bank patch, as large a product as the
+backbone's convolutions) becomes an int8 matrix product (`quantise_search`; `int8_search=False`
+keeps it float): each bank patch and each query patch is scaled by its own largest component to
+[-127, 127], so a patch's rounding depends on that patch alone, never on the batch or on
+calibration ranges that an anomalous patch could exceed. The squared norms, the query's included,
+stay float, and the distance is to the rounded bank patch.
 
 A model file does not hold its training images, so the normal images come with the export
 (`--calibration`, e.g. the training folder). A seeded part of them (`CALIBRATION_IMAGES` at
@@ -45,6 +52,7 @@ import ast
 import json
 import logging
 import tempfile
+from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -76,6 +84,10 @@ MIN_SPEARMAN = 0.95
 PatchCore: 0.999; the tests' synthetic brick texture at 128 px: 0.976-0.986)."""
 MIN_VERDICT_AGREEMENT = 0.95
 """Least fraction of the check images with the same verdict from the float and int8 models."""
+SEARCH_LEVELS = 127
+"""The int8 search scales each patch to integers in [-SEARCH_LEVELS, SEARCH_LEVELS]."""
+CONTRIB_DOMAIN = "com.microsoft"
+"""ONNX Runtime's operators (the int8 search's `MatMulIntegerToFloat`)."""
 THRESHOLD_SOURCE = "int8_calibration"
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 """Node metadata of torch's ONNX exporter: the module path of the code that made the node."""
@@ -98,10 +110,12 @@ def export_int8(
     path: Path,
     images: Sequence[ImageLike],
     float_below_stride: int = FLOAT_BELOW_STRIDE,
+    int8_search: bool = True,
 ) -> dict[str, Any]:
     """Quantise the float graph of `detector` at `float_path` into `path`, calibrated on the normal
-    `images`, with thresholds moved and checked as the module says; returns the `int8` record
-    stored in its metadata. Raises `ExportError` (nothing written) when the check fails."""
+    `images`, its bank search too unless `int8_search` is False, with thresholds moved and checked
+    as the module says; returns the `int8` record stored in its metadata. Raises `ExportError`
+    (nothing written) when the check fails."""
     order = np.random.default_rng(detector.seed).permutation(len(images))
     count = min(CALIBRATION_IMAGES, len(images) // 2)
     activation = [images[i] for i in sorted(order[:count])]
@@ -114,6 +128,11 @@ def export_int8(
         nodes = quantise_graph(
             float_path, quantised, (b.pixels for b in batches), networks, size, float_below_stride
         )
+        searches = 0
+        if int8_search:
+            graph = onnx.load(str(quantised))
+            searches = quantise_search(graph)
+            onnx.save(graph, str(quantised))
         feature_error = absorb_rounding(detector, quantised, [*activation, *held_out])
         int8 = OnnxModel(quantised)
         thresholds, agreement = _compare(detector, int8, held_out)
@@ -121,6 +140,7 @@ def export_int8(
             "format": "QDQ, int8 weights per channel, uint8 activations (MinMax)",
             "quantised_nodes": len(nodes),
             "float_below_stride": float_below_stride,
+            "search": "int8, a scale per patch" if searches else "float",
             "calibration_images": len(activation),
             "check_images": len(held_out),
             "absorbed_feature_error": feature_error,
@@ -199,6 +219,108 @@ def quantise_graph(
     finally:
         logging.disable(logging.NOTSET)
     return nodes
+
+
+def quantise_search(graph: onnx.ModelProto) -> int:
+    """Rewrite in place each exact bank search of `graph` (a `Gemm` |v|^2 - 2 q.v over a constant
+    bank, read only by a `ReduceMin`: `components.neighbors.nearest_distances`) as an int8 matrix
+    product, as the module says; returns how many were rewritten (0 for a graph without one)."""
+    body = graph.graph
+    tensors = {tensor.name: tensor for tensor in body.initializer}
+    made_by = {output: node for node in body.node for output in node.output}
+    readers: dict[str, list[str]] = defaultdict(list)
+    for node in body.node:
+        for name in node.input:
+            readers[name].append(node.op_type)
+    nodes: list[onnx.NodeProto] = []
+    rewritten = 0
+    for node in body.node:
+        bank = _searched_bank(node, tensors, made_by, readers)
+        if bank is None:
+            nodes.append(node)
+            continue
+        new_nodes, constants = _int8_search(
+            node.input[0], node.output[0], bank, f"int8_search_{rewritten}"
+        )
+        nodes.extend(new_nodes)
+        body.initializer.extend(constants)
+        rewritten += 1
+    if rewritten:
+        del body.node[:]
+        body.node.extend(nodes)
+        if all(entry.domain != CONTRIB_DOMAIN for entry in graph.opset_import):
+            graph.opset_import.append(onnx.helper.make_opsetid(CONTRIB_DOMAIN, 1))
+    return rewritten
+
+
+def _searched_bank(
+    node: onnx.NodeProto,
+    tensors: dict[str, onnx.TensorProto],
+    made_by: dict[str, onnx.NodeProto],
+    readers: dict[str, list[str]],
+) -> np.ndarray | None:
+    """The bank (N, D) that `node` searches, if it is a bank search as `quantise_search` says."""
+    if node.op_type != "Gemm" or len(node.input) < 3 or node.input[2] not in tensors:
+        return None
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if attributes.get("alpha") != -2.0 or attributes.get("beta", 1.0) != 1.0:
+        return None
+    if attributes.get("transA", 0) or set(readers[node.output[0]]) != {"ReduceMin"}:
+        return None
+    weights = node.input[1]
+    transposed = bool(attributes.get("transB", 0))
+    source = made_by.get(weights)
+    if weights not in tensors and source is not None and source.op_type == "Transpose":
+        perm = next((list(a.ints) for a in source.attribute if a.name == "perm"), [1, 0])
+        if perm != [1, 0] or source.input[0] not in tensors:
+            return None
+        weights, transposed = source.input[0], not transposed
+    if weights not in tensors:
+        return None
+    matrix = onnx.numpy_helper.to_array(tensors[weights]).astype(np.float32)
+    return matrix if transposed else matrix.T
+
+
+def _int8_search(
+    queries: str, output: str, bank: np.ndarray, prefix: str
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Nodes computing `output` = |v'|^2 - 2 q.v' for every query row and rounded bank patch v'
+    from an int8 product, each side scaled per patch; and their constants."""
+    peaks = np.maximum(np.abs(bank).max(axis=1), np.finfo(np.float32).tiny)
+    codes = np.round(bank * (SEARCH_LEVELS / peaks[:, None])).astype(np.int8)
+    rounded = codes.astype(np.float32) * (peaks[:, None] / SEARCH_LEVELS)
+    constants = {
+        "codes": np.ascontiguousarray(codes.T),
+        "columns": (-2.0 * peaks / SEARCH_LEVELS).astype(np.float32),
+        "norms": (rounded * rounded).sum(axis=1).astype(np.float32),
+        "axis": np.array([1], dtype=np.int64),
+        "tiny": np.array(np.finfo(np.float32).tiny, dtype=np.float32),
+        "step": np.array(1.0 / SEARCH_LEVELS, dtype=np.float32),
+        "zero": np.array(128, dtype=np.uint8),
+    }
+    name = {
+        key: f"{prefix}_{key}" for key in [*constants, "abs", "peak", "row", "unit", "q", "scaled"]
+    }
+    make = onnx.helper.make_node
+    nodes = [
+        make("Abs", [queries], [name["abs"]]),
+        make("ReduceMax", [name["abs"], name["axis"]], [name["peak"]], keepdims=1),
+        make("Max", [name["peak"], name["tiny"]], [name["row"]]),
+        make("Div", [queries, name["row"]], [name["unit"]]),
+        make("QuantizeLinear", [name["unit"], name["step"], name["zero"]], [name["q"]]),
+        make(  # ONNX Runtime's fused int8 product, cast and column scales (contrib operator)
+            "MatMulIntegerToFloat",
+            [name["q"], name["codes"], name["step"], name["columns"], name["zero"]],
+            [name["scaled"]],
+            domain=CONTRIB_DOMAIN,
+        ),
+        make("Mul", [name["scaled"], name["row"]], [f"{prefix}_product"]),
+        make("Add", [f"{prefix}_product", name["norms"]], [output]),
+    ]
+    for step, node in enumerate(nodes):
+        node.name = f"{prefix}_{step}_{node.op_type}"
+    tensors = [onnx.numpy_helper.from_array(v, name[k]) for k, v in constants.items()]
+    return nodes, tensors
 
 
 def absorb_rounding(
