@@ -174,6 +174,22 @@ def test_int8_export_refuses_a_graph_that_disagrees(
     assert not out.exists()
 
 
+def test_int8_export_keeps_the_search_float_when_asked(
+    patchcore_files, brick: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    model_file, _ = patchcore_files
+    out = tmp_path / "float-search.onnx"
+    code, printed, err = run_cli(
+        monkeypatch, capsys, "export", model_file, "-o", out, "--int8", "--calibration", brick,
+        "--float-search",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "features int8" in " ".join(printed.split())
+    ops = [node.op_type for node in onnx.load(str(out)).graph.node]
+    assert "MatMulIntegerToFloat" not in ops and "ReduceMin" in ops
+    assert anomalens.load(out).config["int8"]["search"] == "float"
+
+
 def test_int8_needs_calibration_images(patchcore_files, tmp_path: Path, monkeypatch, capsys):
     model_file, _ = patchcore_files
     out = tmp_path / "x.onnx"
@@ -184,6 +200,8 @@ def test_int8_needs_calibration_images(patchcore_files, tmp_path: Path, monkeypa
         monkeypatch, capsys, "export", model_file, "-o", out, "--calibration", tmp_path
     )
     assert code == 2 and "--calibration is only used with --int8" in err
+    code, _, err = run_cli(monkeypatch, capsys, "export", model_file, "-o", out, "--float-search")
+    assert code == 2 and "--float-search is only used with --int8" in err
     empty = tmp_path / "empty"
     empty.mkdir()
     code, _, err = run_cli(
