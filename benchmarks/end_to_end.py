@@ -1,7 +1,7 @@
 """End-to-end `anomalens predict` speed on MVTec AD bottle's 83 test images at 512 px.
 
     .venv/bin/python benchmarks/end_to_end.py [--data ../shared/datasets] [--repeats 5]
-        [--baseline PATH_TO_AN_OLDER_CHECKOUT]
+        [--baseline PATH_TO_AN_OLDER_CHECKOUT] [--json OUT.json]
 
 Fits the default PatchCore on bottle's normal images, exports it to ONNX (fp32, and int8 when the
 export supports `--int8`, calibrated on `train/good`), then times the whole command (decode, score,
@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/datasets"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--baseline", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None, help="Also write the report here.")
     args = parser.parse_args()
     root = (args.data / "mvtec_bottle_512").resolve()
     folders = sorted(p for p in (root / "test").iterdir() if p.is_dir())
@@ -94,7 +95,11 @@ def main() -> None:
         "seconds": seconds,
         "images_per_s": {k: n_images / statistics.median(v) for k, v in seconds.items()},
     }
-    print(json.dumps(report, indent=2))
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
