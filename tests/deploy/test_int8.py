@@ -233,6 +233,7 @@ def test_padim_int8_graph_absorbs_its_rounding(
     printed = " ".join(out.split())  # however the console wrapped it
     assert "the features' rounding (" in printed and "absorbed into its statistics" in printed
     record = anomalens.load(tmp_path / "absorbed.onnx").config["int8"]
+    assert record["search"] == "float"  # PaDiM has no bank search to quantise
     error = record["absorbed_feature_error"]
     assert error["images"] == len(images) and 0.0 < error["relative_error"] < 0.3
     graph = onnx.load(str(tmp_path / "absorbed.onnx"))
