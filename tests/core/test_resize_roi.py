@@ -21,6 +21,7 @@ from anomalens.data.preprocessing import (
     input_shape,
     iter_batches,
     resize_image,
+    resolve_resize,
 )
 from anomalens.deploy.export import export_onnx
 from anomalens.errors import DataError, ParameterError
@@ -124,6 +125,49 @@ def test_keep_batches_keep_order_and_group_consecutive_shapes() -> None:
     # batch_size still caps a batch; squash puts everything in one batch.
     assert [len(b.sizes) for b in iter_batches(images, SIZE, 1, "keep")] == [1] * 6
     assert len(list(iter_batches(images, SIZE, 8, "squash"))) == 1
+
+
+def test_auto_keeps_the_aspect_of_one_elongated_shape_only(tmp_path: Path) -> None:
+    def shapes(*sizes: tuple[int, int]) -> list[np.ndarray]:
+        return [np.zeros((h, w, 3), np.uint8) for h, w in sizes]
+
+    strips = shapes(*[(50, 126)] * 5)  # a line camera's 500 x 1260 strips, scaled down
+    assert resolve_resize("auto", strips) == "keep"
+    assert resolve_resize("auto", shapes(*[(126, 50)] * 3)) == "keep"  # portrait
+    assert resolve_resize("auto", shapes(*[(90, 90)] * 3)) == "squash"
+    assert resolve_resize("auto", shapes(*[(100, 130)] * 3)) == "squash"  # 1.3:1, near square
+    assert resolve_resize("auto", shapes((50, 126), (50, 126), (90, 90))) == "squash"  # mixed
+    assert resolve_resize("auto", shapes((50, 126), (126, 50))) == "squash"  # both ways
+    assert resolve_resize("auto", shapes((50, 126), (51, 126))) == "keep"  # within 5%
+    assert resolve_resize("auto", []) == "squash"
+    for mode in MODES:
+        assert resolve_resize(mode, strips) == mode
+    paths = []  # files: their headers are read, not their pixels
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(smooth(40, 100, i)).save(paths[-1])
+    assert resolve_resize("auto", paths) == "keep"
+    assert resolve_resize("auto", [Image.open(path) for path in paths]) == "keep"
+
+
+def test_patchcore_resolves_auto_at_fit_and_keeps_it(tmp_path: Path) -> None:
+    model = anomalens.create("patchcore", image_size=SIZE, coreset_ratio=0.5)
+    assert model.resize == "auto"
+    strips = [smooth(40, 120, seed) for seed in range(4)]
+    model.fit(strips)
+    assert model.resize == "auto" and model.resize_ == "keep" and model.input_mode == "keep"
+    normal = smooth(40, 120, 50)
+    defect = blob(smooth(40, 120, 51), 20, 60, 5)[0]
+    predictions = model.predict([normal, defect])
+    assert [p.anomaly_map.shape for p in predictions] == [(40, 120)] * 2
+    assert predictions[1].score > predictions[0].score
+    loaded = anomalens.load(model.save(tmp_path / "strips.safetensors"))
+    assert loaded.resize_ == "keep" and loaded.model_config()["fitted"]["resize"] == "keep"
+    np.testing.assert_allclose(
+        loaded.decision_function([normal, defect]), [p.score for p in predictions], rtol=1e-5
+    )
+    square = anomalens.create("patchcore", image_size=SIZE, coreset_ratio=0.5)
+    assert square.fit([smooth(48, 48, seed) for seed in range(4)]).resize_ == "squash"
 
 
 # ---- fit / predict / evaluate / export on non-square images --------------------------------

@@ -125,13 +125,26 @@ def test_default_grid_has_mobilenetv2_only_when_its_weights_are_installed(monkey
     assert not [item for item in default_candidates() if "mobilenet" in item.label]
 
 
+def test_non_square_grid_tries_the_resize_that_auto_does_not_choose() -> None:
+    """PatchCore's default `resize="auto"` keeps the aspect of strips of one shape and squashes
+    mixed shapes: the extra candidate is the other mode."""
+    assert "patchcore lite0 256 keep" not in {item.label for item in default_candidates()}
+    mixed = {item.label for item in default_candidates(True, "squash")}
+    strips = {item.label for item in default_candidates(True, "keep")}
+    assert "patchcore lite0 256 keep" in mixed
+    assert "patchcore lite0 256 squash" in strips
+    assert "patchcore lite0 256 keep" not in strips
+
+
 def test_cli_fit_auto(brick: Path, tmp_path: Path, monkeypatch) -> None:
     folder = tmp_path / "good"
     folder.mkdir()
     for path in training_images(brick)[:6]:
         shutil.copy(path, folder)
     small = candidate("patchcore", image_size=64, coreset_ratio=1.0)
-    monkeypatch.setattr(selection, "default_candidates", lambda non_square: [small, BLIND])
+    monkeypatch.setattr(
+        selection, "default_candidates", lambda non_square, auto_resize: [small, BLIND]
+    )
     runner = CliRunner()
     model = tmp_path / "auto.safetensors"
     result = runner.invoke(app, ["fit", str(folder), "-o", str(model), "--auto"])
@@ -146,7 +159,7 @@ def test_cli_fit_auto(brick: Path, tmp_path: Path, monkeypatch) -> None:
 
 
 def test_cli_fit_auto_skips_unreadable_images(with_unreadable, tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(selection, "default_candidates", lambda non_square: [BLIND])
+    monkeypatch.setattr(selection, "default_candidates", lambda non_square, auto_resize: [BLIND])
     model = tmp_path / "auto.safetensors"
     args = ["fit", str(with_unreadable), "-o", str(model), "--auto"]
     result = CliRunner().invoke(app, args)

@@ -32,7 +32,7 @@ from anomalens.core.model_file import model_config, write_model_file
 from anomalens.core.scorer import Scorer
 from anomalens.core.thresholds import TailQuantile, threshold_at_fpr
 from anomalens.data.io import load_image, region_of_interest, stretch_mask, to_rgb_array
-from anomalens.data.preprocessing import ImageLike
+from anomalens.data.preprocessing import ImageLike, resolve_resize
 from anomalens.errors import DataError, ExportError, ImageReadError, ParameterError
 from anomalens.state_dict import FittedState, Part, stored_part
 
@@ -147,6 +147,8 @@ class Detector(Scorer):
         if roi is not None and not self.produces_maps:
             raise ParameterError(f"{self.name} gives no anomaly map, so it cannot take an roi")
         self.roi_ = None if roi is None else region_of_interest(roi)
+        if "resize" in self.param_names():
+            self.resize_ = resolve_resize(self.resize, images)
         self._seed_everything()
         held_out = self._held_out(len(images))
         scores, pixels = self._fit_and_score_held_out(images, held_out)

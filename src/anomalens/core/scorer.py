@@ -202,9 +202,9 @@ class Scorer:
 
     @property
     def input_mode(self) -> str:
-        """How images are resized for this model: its `resize` parameter, `squash` for methods
-        without one."""
-        return getattr(self, "resize", "squash")
+        """How images are resized for this model: what its `resize` parameter resolved to at fit
+        (`resize_`, for `auto`), else the parameter itself, `squash` for methods without one."""
+        return getattr(self, "resize_", None) or getattr(self, "resize", "squash")
 
     def _apply_roi(
         self,

@@ -25,6 +25,17 @@ RESIZE_MODES = ("squash", "keep", "letterbox")
 side to size, the aspect ratio kept, a non-square input), `letterbox` (long side to size, padded
 to a square with mid-grey, which the network's own normalisation maps to zero)."""
 
+RESIZE_AUTO = "auto"
+"""A `resize` that `resolve_resize` decides at fit from the training images' shapes."""
+ELONGATED_ASPECT = 1.5
+"""`auto` keeps the aspect ratio of training images that all share one shape at least this far
+from square (long side / short side)."""
+SAME_SHAPE_TOLERANCE = 0.05
+"""Largest relative spread of the training images' width / height that still counts as one
+shape."""
+SHAPE_SAMPLE = 64
+"""Training images (evenly spaced) whose shapes `resolve_resize` reads."""
+
 KEEP_MULTIPLE = 32
 """`keep` rounds both sides to a multiple of the deepest backbone stride, so every feature map
 covers the image exactly."""
@@ -75,6 +86,42 @@ def normalize_intensity(images: torch.Tensor, mode: str, letterboxed: bool = Fal
     scale = STANDARD_SPREAD / (spread + 1e-3)
     standard = ((images - mean) * scale + STANDARD_MEAN).clamp(0.0, 1.0)
     return torch.where(inside > 0, standard, images) if letterboxed else standard
+
+
+def resolve_resize(mode: str, images: Sequence[ImageLike]) -> str:
+    """`mode` itself unless it is `auto`; then `keep` when the training `images` share one shape
+    (width / height within `SAME_SHAPE_TOLERANCE`) at least `ELONGATED_ASPECT` from square, such
+    as a line camera's strips, and `squash` otherwise. Squashing a 500 x 1260 strip to 256 x 256
+    shrinks it 5x along its length, and a thin defect across it with it (synthetic cracks on
+    strips: image AUROC 0.50 squashed, 0.67 kept; benchmarks/RESULTS.md); a set of many shapes
+    (magnetic tile) was not better kept, and it batches badly."""
+    if mode != RESIZE_AUTO:
+        return mode
+    step = max(1, len(images) // SHAPE_SAMPLE)
+    ratios = [width / height for height, width in map(image_shape, images[::step])]
+    if not ratios:
+        return "squash"
+    low, high = min(ratios), max(ratios)
+    one_shape = high <= low * (1 + SAME_SHAPE_TOLERANCE)
+    elongated = low >= ELONGATED_ASPECT or high <= 1 / ELONGATED_ASPECT
+    return "keep" if one_shape and elongated else "squash"
+
+
+def image_shape(image: ImageLike) -> tuple[int, int]:
+    """(height, width) of an image file (its header only), PIL image or array."""
+    if isinstance(image, np.ndarray):
+        return int(image.shape[0]), int(image.shape[1])
+    if isinstance(image, str | PathLike):
+        from PIL import Image  # the header only: no pixels decoded
+
+        with Image.open(image) as opened:
+            width, height = opened.size
+        return height, width
+    if hasattr(image, "size") and not callable(image.size):  # a PIL image
+        width, height = image.size
+        return int(height), int(width)
+    array = to_rgb_array(image)
+    return int(array.shape[0]), int(array.shape[1])
 
 
 def check_resize(mode: str, supported: Sequence[str] = RESIZE_MODES) -> str:

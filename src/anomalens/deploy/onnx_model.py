@@ -51,7 +51,8 @@ class OnnxModel(Scorer):
         self.threads = threads
         self.config = config
         self.name = config["model"]
-        self.resize = config["params"].get("resize", "squash")
+        # what `resize` resolved to at fit (`auto`), else the parameter (older files)
+        self.resize = config["fitted"].get("resize") or config["params"].get("resize", "squash")
         self.produces_maps = len(session.get_outputs()) > 1
         self.image_size = int(config["params"]["image_size"])
         self.batch_size = int(config["params"]["batch_size"])

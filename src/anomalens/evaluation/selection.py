@@ -29,7 +29,7 @@ import torch
 from anomalens.core.detector import readable_images, skipped_note
 from anomalens.core.registry import create, model_class
 from anomalens.data.augment import SYNTHETIC_KINDS, synthetic_anomalies
-from anomalens.data.preprocessing import ImageLike
+from anomalens.data.preprocessing import RESIZE_AUTO, ImageLike, resolve_resize
 from anomalens.errors import AnomalensError, DataError
 from anomalens.evaluation.metrics import image_auroc, pixel_auroc
 from anomalens.features.backbones import OFFLINE_WEIGHTS, layers_with_strides
@@ -82,13 +82,14 @@ def candidate(model: str, cost_factor: float = 1.0, **params: Any) -> Candidate:
     return Candidate(model, params, round(_OVERHEAD + cost, 3))
 
 
-def default_candidates(non_square: bool = False) -> list[Candidate]:
+def default_candidates(non_square: bool = False, auto_resize: str = "squash") -> list[Candidate]:
     """The default grid: PatchCore and PaDiM on the offline backbones, input sizes 224/256/320,
     PatchCore also on the finer stride 4+8 layers and on any other installed offline backbone
     (MobileNetV2), PaDiM also on the handcrafted features, both also with each image's intensity
     standardised (`intensity="standardize"`); with `non_square` images also PatchCore
-    keeping the aspect ratio and PaDiM letterboxed (when the detectors have the `resize`
-    parameter)."""
+    resized the other way than its default (`resize="auto"`) resolves to on them
+    (`auto_resize`: keeping the aspect ratio, or squashing) and PaDiM letterboxed (when the
+    detectors have the `resize` parameter)."""
     lite0, lite2 = "tf_efficientnet_lite0", "tf_efficientnet_lite2"
     grid = [
         candidate("patchcore", backbone=lite0, image_size=224),
@@ -115,7 +116,12 @@ def default_candidates(non_square: bool = False) -> list[Candidate]:
     ]
     if non_square and "resize" in model_class("patchcore").param_names():
         grid += [
-            candidate("patchcore", backbone=lite0, image_size=256, resize="keep"),
+            candidate(
+                "patchcore",
+                backbone=lite0,
+                image_size=256,
+                resize="squash" if auto_resize == "keep" else "keep",
+            ),
             candidate("padim", backbone=lite0, image_size=256, resize="letterbox"),
         ]
     return grid
@@ -146,7 +152,8 @@ def auto_fit(
             f"auto_fit needs at least 4 normal images, got {len(arrays)}{skipped_note(skipped)}"
         )
     if candidates is None:
-        candidates = default_candidates(any(a.shape[0] != a.shape[1] for a in arrays))
+        non_square = any(a.shape[0] != a.shape[1] for a in arrays)
+        candidates = default_candidates(non_square, resolve_resize(RESIZE_AUTO, arrays))
     if not candidates:
         raise DataError("auto_fit got no candidates")
     order = np.random.default_rng(seed).permutation(len(arrays))

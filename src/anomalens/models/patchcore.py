@@ -62,7 +62,7 @@ from anomalens.components.neighbors import (
 from anomalens.core.detector import Detector
 from anomalens.core.registry import register
 from anomalens.core.thresholds import TailQuantile
-from anomalens.data.preprocessing import ImageLike, check_resize
+from anomalens.data.preprocessing import RESIZE_AUTO, RESIZE_MODES, ImageLike, check_resize
 from anomalens.errors import ParameterError
 from anomalens.features.backbones import DEFAULT_BACKBONE, create_backbone
 from anomalens.features.patches import aggregate_patches, flatten_patches
@@ -129,10 +129,11 @@ class PatchCore(Detector):
     """PatchCore: nearest-neighbour distance of patch features to a coreset memory bank."""
 
     name = "patchcore"
-    fitted_fields = ("layers_", "damp_border_", "n_patches_")
+    fitted_fields = ("layers_", "damp_border_", "n_patches_", "resize_")
     """`damp_border_`: border patches damped (`aggregate_patches`); models fitted before it
     existed (no such field in their file) keep the undamped features they were fitted with.
-    `n_patches_`: patches seen by fit and partial_fit, which the bank is `coreset_ratio` of."""
+    `n_patches_`: patches seen by fit and partial_fit, which the bank is `coreset_ratio` of.
+    `resize_`: what `resize` resolved to at fit (`auto`: `resolve_resize`)."""
     fitted_tensors = ("backbone_", "memory_bank_")
     refit_on_all = True
     shard_map: ShardMap | None = None
@@ -154,7 +155,7 @@ class PatchCore(Detector):
         pq_min_bank: int = 50_000,
         rerank: int = 32,
         *,
-        resize: str = "squash",
+        resize: str = "auto",
         intensity: str = "raw",
         image_size: int = 256,
         target_fpr: float = 0.01,
@@ -205,9 +206,9 @@ class PatchCore(Detector):
         if self.shard_images < 1:
             raise ParameterError(f"shard_images must be at least 1, got {self.shard_images}")
         self._check_bank_index()
-        check_resize(self.resize)
+        check_resize(self.resize, (*RESIZE_MODES, RESIZE_AUTO))
         self.backbone_ = create_backbone(
-            self.backbone, self.layers, self.weights, self.intensity, self.resize == "letterbox"
+            self.backbone, self.layers, self.weights, self.intensity, self.input_mode == "letterbox"
         )
         self.layers_ = list(self.backbone_.layers)
         self.damp_border_ = True
@@ -373,7 +374,7 @@ class PatchCore(Detector):
     # ---- persistence -------------------------------------------------------------------------
     def _build_state(self) -> None:
         self.backbone_ = create_backbone(
-            self.backbone, self.layers_, "random", self.intensity, self.resize == "letterbox"
+            self.backbone, self.layers_, "random", self.intensity, self.input_mode == "letterbox"
         )
 
     def _restore(self, tensors: dict[str, torch.Tensor]) -> None:

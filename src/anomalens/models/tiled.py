@@ -23,7 +23,7 @@ from anomalens.core.detector import Detector
 from anomalens.core.registry import create, register
 from anomalens.core.scorer import MapSink
 from anomalens.data.io import to_rgb_array
-from anomalens.data.preprocessing import ImageLike, resize_to_tensor
+from anomalens.data.preprocessing import ImageLike, resize_to_tensor, resolve_resize
 from anomalens.errors import AnomalensError
 from anomalens.progress import make_progress
 from anomalens.state_dict import under_prefix, with_prefix
@@ -69,6 +69,8 @@ class Tiled(Detector):
             batch_size=self.batch_size,
             seed=self.seed,
         )
+        if "resize" in inner.param_names():  # tiles are square: `auto` resolves to `squash`
+            inner.resize_ = resolve_resize(inner.resize, [])
         if not inner.produces_maps:
             raise AnomalensError(
                 f"tiling needs a detector that produces anomaly maps; {self.detector} is "
