@@ -109,7 +109,10 @@ def fit(
     image_size: Annotated[int | None, typer.Option(help="Square input size in pixels.")] = None,
     resize: Annotated[
         str | None,
-        typer.Option(help="How images reach the model: squash, keep (aspect ratio) or letterbox."),
+        typer.Option(
+            help="How images reach the model: squash, keep (aspect ratio) or letterbox; "
+            "patchcore's default, auto, keeps the aspect of training images of one elongated shape."
+        ),
     ] = None,
     roi: Annotated[
         Path | None,
