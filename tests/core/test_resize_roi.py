@@ -147,6 +147,11 @@ def test_auto_keeps_the_aspect_of_one_elongated_shape_only(tmp_path: Path) -> No
         paths.append(tmp_path / f"{i}.png")
         Image.fromarray(smooth(40, 100, i)).save(paths[-1])
     assert resolve_resize("auto", paths) == "keep"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown (and loaded) turned a quarter: portrait
+    Image.fromarray(smooth(40, 100, 9)).save(tmp_path / "turned.jpg", exif=exif)
+    assert resolve_resize("auto", [*paths, tmp_path / "turned.jpg"]) == "squash"
+    assert resolve_resize("auto", [tmp_path / "turned.jpg"] * 2) == "keep"  # one shape, portrait
     assert resolve_resize("auto", [Image.open(path) for path in paths]) == "keep"
 
 

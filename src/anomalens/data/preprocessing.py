@@ -33,6 +33,9 @@ from square (long side / short side)."""
 SAME_SHAPE_TOLERANCE = 0.05
 """Largest relative spread of the training images' width / height that still counts as one
 shape."""
+EXIF_ORIENTATION = 0x0112
+EXIF_QUARTER_TURNS = (5, 6, 7, 8)
+"""EXIF orientations that `load_image` turns by a quarter (width and height swap)."""
 SHAPE_SAMPLE = 64
 """Training images (evenly spaced) whose shapes `resolve_resize` reads."""
 
@@ -116,7 +119,8 @@ def image_shape(image: ImageLike) -> tuple[int, int]:
 
         with Image.open(image) as opened:
             width, height = opened.size
-        return height, width
+            turned = opened.getexif().get(EXIF_ORIENTATION) in EXIF_QUARTER_TURNS
+        return (width, height) if turned else (height, width)  # as `load_image` turns it
     if hasattr(image, "size") and not callable(image.size):  # a PIL image
         width, height = image.size
         return int(height), int(width)
