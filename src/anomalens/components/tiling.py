@@ -11,22 +11,18 @@ tiles' anomaly maps back together, taking the maximum or the mean where tiles ov
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from typing import overload
 
 import numpy as np
 import torch
-from PIL import Image
 
 from anomalens.components.maps import resize_maps
-from anomalens.data.io import to_rgb_array
+from anomalens.data.io import image_shape, to_rgb_array
 from anomalens.data.preprocessing import ImageLike
 from anomalens.errors import AnomalensError
 
 STITCH_MODES = ("max", "mean")
-_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
-"""EXIF orientations that swap width and height (`load_image` applies them)."""
 
 
 def check_tiling(tile_size: int, tile_overlap: int, stitch: str) -> None:
@@ -60,24 +56,6 @@ def tile_grid(height: int, width: int, tile: int, overlap: int) -> list[tuple[in
         for top in tile_starts(height, tile, overlap)
         for left in tile_starts(width, tile, overlap)
     ]
-
-
-def image_shape(image: ImageLike) -> tuple[int, int]:
-    """(height, width) of an image as `to_rgb_array` would load it, reading only the header of
-    files (with EXIF orientation applied)."""
-    if isinstance(image, np.ndarray):
-        return int(image.shape[0]), int(image.shape[1])
-    if isinstance(image, str | os.PathLike):
-        try:
-            with Image.open(image) as opened:
-                width, height = opened.size
-                orientation = opened.getexif().get(0x0112)
-        except Exception:  # unreadable: let the full read raise its one clear error
-            return to_rgb_array(image).shape[:2]
-        if orientation in _TRANSPOSING_ORIENTATIONS:
-            return width, height
-        return height, width
-    return to_rgb_array(image).shape[:2]
 
 
 class TiledImages(Sequence[np.ndarray]):

@@ -30,6 +30,8 @@ Pillow's own `DecompressionBombError` is reported the same way should its limit 
 """
 
 _FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF", "PPM")
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+"""EXIF orientations that swap width and height (`load_image` applies them)."""
 """Pillow plugins allowed to decode files (no EPS/PDF and other formats that run tools)."""
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -117,6 +119,24 @@ def _image_files(folder: Path) -> list[Path]:
         and (p.is_file() or (p.is_symlink() and not p.exists()))
     )
     return sorted(files, key=lambda p: p.name)
+
+
+def image_shape(image: ImageLike) -> tuple[int, int]:
+    """(height, width) of an image as `to_rgb_array` would load it, reading only the header of
+    files (with EXIF orientation applied)."""
+    if isinstance(image, np.ndarray):
+        return int(image.shape[0]), int(image.shape[1])
+    if isinstance(image, str | os.PathLike):
+        try:
+            with Image.open(image) as opened:
+                width, height = opened.size
+                orientation = opened.getexif().get(0x0112)
+        except Exception:  # unreadable: let the full read raise its one clear error
+            return to_rgb_array(image).shape[:2]
+        if orientation in _TRANSPOSING_ORIENTATIONS:
+            return width, height
+        return height, width
+    return to_rgb_array(image).shape[:2]
 
 
 def dangling_link(path: str | os.PathLike[str]) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from anomalens.data.io import to_rgb_array
+from anomalens.data.io import image_shape, to_rgb_array
 from anomalens.errors import ParameterError
 from anomalens.progress import make_progress
 
@@ -33,9 +33,6 @@ from square (long side / short side)."""
 SAME_SHAPE_TOLERANCE = 0.05
 """Largest relative spread of the training images' width / height that still counts as one
 shape."""
-EXIF_ORIENTATION = 0x0112
-EXIF_QUARTER_TURNS = (5, 6, 7, 8)
-"""EXIF orientations that `load_image` turns by a quarter (width and height swap)."""
 SHAPE_SAMPLE = 64
 """Training images (evenly spaced) whose shapes `resolve_resize` reads."""
 
@@ -108,24 +105,6 @@ def resolve_resize(mode: str, images: Sequence[ImageLike]) -> str:
     one_shape = high <= low * (1 + SAME_SHAPE_TOLERANCE)
     elongated = low >= ELONGATED_ASPECT or high <= 1 / ELONGATED_ASPECT
     return "keep" if one_shape and elongated else "squash"
-
-
-def image_shape(image: ImageLike) -> tuple[int, int]:
-    """(height, width) of an image file (its header only), PIL image or array."""
-    if isinstance(image, np.ndarray):
-        return int(image.shape[0]), int(image.shape[1])
-    if isinstance(image, str | PathLike):
-        from PIL import Image  # the header only: no pixels decoded
-
-        with Image.open(image) as opened:
-            width, height = opened.size
-            turned = opened.getexif().get(EXIF_ORIENTATION) in EXIF_QUARTER_TURNS
-        return (width, height) if turned else (height, width)  # as `load_image` turns it
-    if hasattr(image, "size") and not callable(image.size):  # a PIL image
-        width, height = image.size
-        return int(height), int(width)
-    array = to_rgb_array(image)
-    return int(array.shape[0]), int(array.shape[1])
 
 
 def check_resize(mode: str, supported: Sequence[str] = RESIZE_MODES) -> str:
